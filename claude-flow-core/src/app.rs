@@ -1,0 +1,79 @@
+//! Wiring from configuration to concrete parts: what both binaries share,
+//! so that they only parse arguments and call this.
+
+use std::sync::Arc;
+
+use crate::config::{Config, SourceKind};
+use crate::error::Error;
+use crate::issue::RepoId;
+use crate::issue_source::{IssueSource, LocalSource};
+use crate::orchestrator::{Orchestrator, Settings};
+use crate::runner::{SubprocessRunner, SubprocessSettings};
+use crate::state::FileStore;
+
+/// The subprocess runner's settings from `workflow.*` and `service.*`.
+pub fn subprocess_settings(config: &Config) -> Result<SubprocessSettings, Error> {
+    let token = if config.workflow.pass_token {
+        config.github_token()?
+    } else {
+        None
+    };
+    Ok(SubprocessSettings {
+        command: config.workflow.command.clone(),
+        workspace_dir: config.service.workspace_dir(),
+        log_dir: config.service.log_dir(),
+        timeout: config.workflow.timeout,
+        kill_grace: config.workflow.kill_grace,
+        env: config.workflow.env.clone(),
+        token,
+    })
+}
+
+/// The issue source `source` names.
+pub fn issue_source(config: &Config) -> Result<Arc<dyn IssueSource>, Error> {
+    match config.source {
+        SourceKind::Local => {
+            let dir = config.local.dir.clone().ok_or_else(|| {
+                crate::error::ConfigError::key("local.dir", "required when source is \"local\"")
+            })?;
+            if !dir.is_dir() {
+                return Err(crate::error::ConfigError::key(
+                    "local.dir",
+                    format!("{} is not a directory", dir.display()),
+                )
+                .into());
+            }
+            Ok(Arc::new(LocalSource::new(dir)?))
+        }
+        SourceKind::Github => Err(Error::Other(
+            "source \"github\" is not available in this build yet; use \"local\"".into(),
+        )),
+    }
+}
+
+/// The repositories the configuration watches: `github.repos`, or the
+/// local directory's `local/<dir name>`.
+pub fn repositories(config: &Config) -> Result<Vec<RepoId>, Error> {
+    match config.source {
+        SourceKind::Github => Ok(config.github.repos.clone()),
+        SourceKind::Local => {
+            let dir = config.local.dir.clone().unwrap_or_default();
+            Ok(vec![LocalSource::new(dir)?.repo().clone()])
+        }
+    }
+}
+
+/// Opens the state store for writing (taking the state directory's lock)
+/// and builds the orchestrator the configuration describes.
+pub fn orchestrator(config: &Config) -> Result<(Orchestrator, Arc<FileStore>), Error> {
+    let source = issue_source(config)?;
+    let runner = Arc::new(SubprocessRunner::new(subprocess_settings(config)?));
+    let store = Arc::new(FileStore::open(&config.service.state_dir)?);
+    let orchestrator = Orchestrator::builder()
+        .source(source)
+        .runner(runner)
+        .store(store.clone())
+        .settings(Settings::from_config(&config.service))
+        .build()?;
+    Ok((orchestrator, store))
+}

@@ -1,0 +1,757 @@
+//! Configuration: one JSON file plus `CLAUDE_FLOW_<SECTION>__<KEY>`
+//! environment overrides (CONTRACT section 3).
+//!
+//! Every error names what to fix: the key (`service.poll_interval: invalid
+//! duration "five minutes"`), the line of a syntax error, or the file.
+//! Unknown keys are errors, so a typo cannot be silently ignored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ConfigError;
+use crate::issue::RepoId;
+use crate::secret::Secret;
+
+/// Where the configuration is read from when no `--config` is given and
+/// `CLAUDE_FLOW_CONFIG` is unset.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/claude-flow/config.json";
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "CLAUDE_FLOW_";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub struct Config {
+    /// Where issues come from.
+    pub source: SourceKind,
+    /// The GitHub source.
+    #[serde(default)]
+    pub github: GithubConfig,
+    /// The local-directory source.
+    #[serde(default)]
+    pub local: LocalConfig,
+    /// The workflow to run per issue.
+    #[serde(default)]
+    pub workflow: WorkflowConfig,
+    /// The service itself.
+    #[serde(default)]
+    pub service: ServiceConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The file this configuration was read from.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+}
+
+/// `source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Issues of GitHub repositories.
+    Github,
+    /// Markdown files in `local.dir`.
+    Local,
+}
+
+/// `github.*`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "snake_case")]
+pub struct GithubConfig {
+    /// REST base URL.
+    pub api_url: String,
+    /// The token; see also `token_file` and `GITHUB_TOKEN`.
+    pub token: Option<Secret>,
+    /// A file holding the token.
+    pub token_file: Option<PathBuf>,
+    /// `owner/name` of every watched repository.
+    pub repos: Vec<RepoId>,
+    /// The label that asks for work.
+    pub trigger_label: String,
+    /// The status labels the service sets.
+    pub labels: LabelsConfig,
+    /// Minimum permission of whoever applied the trigger label.
+    pub trusted_permission: Permission,
+    /// Logins trusted regardless of permission.
+    pub allowed_users: Vec<String>,
+    /// Whether to comment on issues.
+    #[serde(deserialize_with = "lenient::bool")]
+    pub comment: bool,
+    /// Enables `POST /webhook`.
+    pub webhook_secret: Option<Secret>,
+}
+
+impl Default for GithubConfig {
+    fn default() -> Self {
+        Self {
+            api_url: "https://api.github.com".into(),
+            token: None,
+            token_file: None,
+            repos: Vec::new(),
+            trigger_label: "claude-flow".into(),
+            labels: LabelsConfig::default(),
+            trusted_permission: Permission::Write,
+            allowed_users: Vec::new(),
+            comment: true,
+            webhook_secret: None,
+        }
+    }
+}
+
+/// `github.labels.*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "snake_case")]
+pub struct LabelsConfig {
+    /// Set while a round runs.
+    pub in_progress: String,
+    /// Set when a round succeeded.
+    pub done: String,
+    /// Set when a round failed.
+    pub failed: String,
+}
+
+impl Default for LabelsConfig {
+    fn default() -> Self {
+        Self {
+            in_progress: "claude-flow:in-progress".into(),
+            done: "claude-flow:done".into(),
+            failed: "claude-flow:failed".into(),
+        }
+    }
+}
+
+/// A repository permission level, weakest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Permission {
+    /// Anyone at all.
+    None,
+    /// Read.
+    Read,
+    /// Triage.
+    Triage,
+    /// Write (push).
+    Write,
+    /// Maintain.
+    Maintain,
+    /// Admin.
+    Admin,
+}
+
+/// `local.*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "snake_case")]
+pub struct LocalConfig {
+    /// The directory of issue files.
+    pub dir: Option<PathBuf>,
+}
+
+/// `workflow.*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "snake_case")]
+pub struct WorkflowConfig {
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// Per attempt.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// SIGTERM, then SIGKILL after this.
+    #[serde(with = "duration")]
+    pub kill_grace: Duration,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Export the token to the workflow.
+    #[serde(deserialize_with = "lenient::bool")]
+    pub pass_token: bool,
+}
+
+impl Default for WorkflowConfig {
+    fn default() -> Self {
+        Self {
+            command: Vec::new(),
+            timeout: Duration::from_secs(2 * 3600),
+            kill_grace: Duration::from_secs(10),
+            env: BTreeMap::new(),
+            pass_token: false,
+        }
+    }
+}
+
+/// `service.*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "snake_case")]
+pub struct ServiceConfig {
+    /// Between polls.
+    #[serde(with = "duration")]
+    pub poll_interval: Duration,
+    /// Workflows running at once.
+    #[serde(deserialize_with = "lenient::u32")]
+    pub max_concurrent: u32,
+    /// Failed attempts per round before the issue is marked failed.
+    #[serde(deserialize_with = "lenient::u32")]
+    pub max_attempts: u32,
+    /// Base of the exponential backoff.
+    #[serde(with = "duration")]
+    pub retry_backoff: Duration,
+    /// Cap of the exponential backoff.
+    #[serde(with = "duration")]
+    pub retry_backoff_max: Duration,
+    /// State store, lock, and default logs and workspaces.
+    pub state_dir: PathBuf,
+    /// Defaults to `<state_dir>/workspaces`.
+    pub workspace_dir: Option<PathBuf>,
+    /// Defaults to `<state_dir>/logs`.
+    pub log_dir: Option<PathBuf>,
+    /// Written by the daemon when set.
+    pub pid_file: Option<PathBuf>,
+    /// HTTP address; empty disables.
+    pub listen: String,
+    /// How long a graceful stop waits for running workflows.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(300),
+            max_concurrent: 2,
+            max_attempts: 3,
+            retry_backoff: Duration::from_secs(60),
+            retry_backoff_max: Duration::from_secs(3600),
+            state_dir: PathBuf::from("/var/lib/claude-flow"),
+            workspace_dir: None,
+            log_dir: None,
+            pid_file: None,
+            listen: "127.0.0.1:8787".into(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// `workspace_dir`, or its default under the state directory.
+    pub fn workspace_dir(&self) -> PathBuf {
+        self.workspace_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("workspaces"))
+    }
+
+    /// `log_dir`, or its default under the state directory.
+    pub fn log_dir(&self) -> PathBuf {
+        self.log_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("logs"))
+    }
+}
+
+/// `log.*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "snake_case")]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `claude_flow_core=debug,info`...
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// Reads `path` and applies overrides from the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// Reads `path` and applies overrides from `env`.
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
+            key: None,
+            reason: format!("cannot read the configuration file: {e}"),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut config = Self::parse(&text, base, env).map_err(|e| e.in_file(path))?;
+        config.file = Some(path.to_owned());
+        Ok(config)
+    }
+
+    /// Parses JSON text, applies `env` overrides, resolves relative paths
+    /// against `base_dir`, and validates.
+    pub fn parse(
+        text: &str,
+        base_dir: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut value: Value = serde_json::from_str(text).map_err(|e| ConfigError {
+            file: None,
+            key: Some(format!("line {} column {}", e.line(), e.column())),
+            reason: format!("invalid JSON: {e}"),
+        })?;
+        if !value.is_object() {
+            return Err(ConfigError {
+                file: None,
+                key: None,
+                reason: "the configuration must be a JSON object".into(),
+            });
+        }
+        let from_env = apply_env(&mut value, env)?;
+        let mut config = deserialize(value, &from_env)?;
+        config.resolve_paths(base_dir);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The GitHub token: `github.token`, else the contents of
+    /// `github.token_file`, else `GITHUB_TOKEN`.
+    pub fn github_token(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(token) = &self.github.token {
+            return Ok(Some(token.clone()));
+        }
+        if let Some(file) = &self.github.token_file {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                ConfigError::key(
+                    "github.token_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(ConfigError::key(
+                    "github.token_file",
+                    format!("{} is empty", file.display()),
+                ));
+            }
+            return Ok(Some(Secret::new(token)));
+        }
+        Ok(std::env::var("GITHUB_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(Secret::new))
+    }
+
+    /// The configuration as `config show` prints it: effective values,
+    /// secrets redacted.
+    pub fn to_redacted_json(&self) -> Value {
+        let mut shown = self.clone();
+        shown.service.workspace_dir = Some(self.service.workspace_dir());
+        shown.service.log_dir = Some(self.service.log_dir());
+        // Secret's Serialize impl redacts.
+        serde_json::to_value(&shown).unwrap_or(Value::Null)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(d) = &mut self.local.dir {
+            abs(d);
+        }
+        if let Some(f) = &mut self.github.token_file {
+            abs(f);
+        }
+        abs(&mut self.service.state_dir);
+        for p in [
+            &mut self.service.workspace_dir,
+            &mut self.service.log_dir,
+            &mut self.service.pid_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            abs(p);
+        }
+        // argv[0] with a slash is a path (a bare name is looked up on
+        // PATH); later arguments count as paths when they say so with a
+        // leading ./ or ../.
+        for (i, arg) in self.workflow.command.iter_mut().enumerate() {
+            let is_path = if i == 0 {
+                arg.contains('/') && !arg.starts_with('/')
+            } else {
+                arg.starts_with("./") || arg.starts_with("../")
+            };
+            if is_path {
+                *arg = base.join(&*arg).to_string_lossy().into_owned();
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self.source {
+            SourceKind::Github => {
+                if self.github.repos.is_empty() {
+                    return Err(ConfigError::key(
+                        "github.repos",
+                        "required when source is \"github\" (a list of \"owner/name\")",
+                    ));
+                }
+                if !(self.github.api_url.starts_with("https://")
+                    || self.github.api_url.starts_with("http://"))
+                {
+                    return Err(ConfigError::key(
+                        "github.api_url",
+                        format!("{:?} is not an http(s) URL", self.github.api_url),
+                    ));
+                }
+            }
+            SourceKind::Local => {
+                if self.local.dir.is_none() {
+                    return Err(ConfigError::key(
+                        "local.dir",
+                        "required when source is \"local\"",
+                    ));
+                }
+            }
+        }
+        if self.workflow.command.first().is_none_or(String::is_empty) {
+            return Err(ConfigError::key(
+                "workflow.command",
+                "required: the workflow's program and arguments, e.g. [\"./workflow.sh\"]",
+            ));
+        }
+        let positive = [
+            ("workflow.timeout", self.workflow.timeout),
+            ("service.poll_interval", self.service.poll_interval),
+        ];
+        for (key, value) in positive {
+            if value.is_zero() {
+                return Err(ConfigError::key(key, "must be longer than 0s"));
+            }
+        }
+        for (key, value) in [
+            ("service.max_concurrent", self.service.max_concurrent),
+            ("service.max_attempts", self.service.max_attempts),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::key(key, "must be at least 1"));
+            }
+        }
+        if !self.service.listen.is_empty() && self.service.listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::key(
+                "service.listen",
+                format!(
+                    "{:?} is not an address such as \"127.0.0.1:8787\" (\"\" disables HTTP)",
+                    self.service.listen
+                ),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::key(
+                "log.level",
+                format!("invalid filter {:?}: {e}", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Applies `CLAUDE_FLOW_<SECTION>__<KEY>=value` overrides. Returns which
+/// dotted keys came from which variable, so that errors can say so.
+fn apply_env(
+    value: &mut Value,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<HashMap<String, String>, ConfigError> {
+    let mut from_env = HashMap::new();
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    for (name, raw) in vars {
+        let rest = &name[ENV_PREFIX.len()..];
+        // Other CLAUDE_FLOW_* variables (CLAUDE_FLOW_CONFIG, the workflow
+        // contract's) are not overrides.
+        if !rest.contains("__") && rest != "SOURCE" {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+        let dotted = path.join(".");
+        let key_name = format!("{dotted} (from {name})");
+        let parsed = if raw.trim_start().starts_with(['[', '{']) {
+            serde_json::from_str(&raw)
+                .map_err(|e| ConfigError::key(&key_name, format!("invalid JSON: {e}")))?
+        } else {
+            Value::String(raw)
+        };
+        let mut node = &mut *value;
+        for (i, part) in path.iter().enumerate() {
+            if part.is_empty() {
+                return Err(ConfigError::key(&key_name, "empty key segment"));
+            }
+            let Value::Object(map) = node else {
+                return Err(ConfigError::key(&key_name, "its parent is not a section"));
+            };
+            if i + 1 == path.len() {
+                map.insert(part.clone(), parsed.clone());
+                break;
+            }
+            node = map
+                .entry(part.clone())
+                .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        }
+        from_env.insert(dotted, name);
+    }
+    Ok(from_env)
+}
+
+fn deserialize(value: Value, from_env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    let mut unknown = Vec::new();
+    let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let de = serde_ignored::Deserializer::new(value, &mut on_unknown);
+    let result: Result<Config, _> = serde_path_to_error::deserialize(de);
+    let name_key = |key: String| match from_env.get(&key) {
+        Some(var) => format!("{key} (from {var})"),
+        None => key,
+    };
+    if let Some(key) = unknown.into_iter().next() {
+        return Err(ConfigError::key(name_key(key), "unknown key"));
+    }
+    result.map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.inner().to_string();
+        // serde reports a missing field at its parent; name the field.
+        if let Some(field) = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'))
+        {
+            let key = if path == "." {
+                field.to_owned()
+            } else {
+                format!("{path}.{field}")
+            };
+            return ConfigError::key(name_key(key), "required");
+        }
+        ConfigError::key(name_key(path), message)
+    })
+}
+
+/// Durations as humantime strings (`"90s"`, `"5m"`), with errors that
+/// quote the bad value.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        humantime_serde::serialize(d, s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration such as \"90s\" or \"5m\"")
+        })?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?} ({e})")))
+    }
+}
+
+/// Numbers and booleans that also accept strings, since environment
+/// overrides always arrive as strings.
+mod lenient {
+    use serde::{Deserialize, Deserializer, de::Error};
+    use serde_json::Value;
+
+    pub(super) fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Number(n) => n
+                .as_u64()
+                .and_then(|n| n.try_into().ok())
+                .ok_or_else(|| D::Error::custom(format!("{n} is not a whole number >= 0"))),
+            Value::String(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| D::Error::custom(format!("{s:?} is not a whole number >= 0"))),
+            other => Err(D::Error::custom(format!("expected a number, got {other}"))),
+        }
+    }
+
+    pub(super) fn bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Bool(b) => Ok(b),
+            Value::String(s) => match s.trim() {
+                "true" | "1" | "yes" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                _ => Err(D::Error::custom(format!("{s:?} is not true or false"))),
+            },
+            other => Err(D::Error::custom(format!(
+                "expected true or false, got {other}"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{"source": "local", "local": {"dir": "issues"},
+        "workflow": {"command": ["./wf.sh", "--flag", "./data"]}}"#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+        Config::parse(text, Path::new("/etc/cf"), env)
+    }
+
+    fn err(text: &str, env: &[(&str, &str)]) -> String {
+        parse(text, env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_fill_every_optional_key() {
+        let c = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.service.poll_interval, Duration::from_secs(300));
+        assert_eq!(c.service.max_concurrent, 2);
+        assert_eq!(c.service.max_attempts, 3);
+        assert_eq!(c.workflow.timeout, Duration::from_secs(7200));
+        assert_eq!(c.github.trigger_label, "claude-flow");
+        assert_eq!(c.github.labels.in_progress, "claude-flow:in-progress");
+        assert_eq!(c.github.trusted_permission, Permission::Write);
+        assert_eq!(
+            c.service.workspace_dir(),
+            Path::new("/var/lib/claude-flow/workspaces")
+        );
+        assert_eq!(c.service.listen, "127.0.0.1:8787");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let c = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.local.dir.as_deref(), Some(Path::new("/etc/cf/issues")));
+        assert_eq!(
+            c.workflow.command,
+            ["/etc/cf/./wf.sh", "--flag", "/etc/cf/./data"]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let text = MINIMAL.replace(
+            "\"workflow\"",
+            "\"service\": {\"poll_interval\": \"five minutes\"}, \"workflow\"",
+        );
+        let e = err(&text, &[]);
+        assert!(
+            e.contains("service.poll_interval: invalid duration \"five minutes\""),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("\"local\":", "\"locl\":"), &[]);
+        assert!(e.contains("locl: unknown key"), "{e}");
+        let e = err(&MINIMAL.replace("\"dir\"", "\"dri\""), &[]);
+        assert!(e.contains("local.dri: unknown key"), "{e}");
+        let e = err(r#"{"workflow": {"command": ["x"]}}"#, &[]);
+        assert!(e.starts_with("source: required"), "{e}");
+        let e = err(r#"{"source": "gitlab"}"#, &[]);
+        assert!(e.starts_with("source: unknown variant `gitlab`"), "{e}");
+        let e = err(
+            r#"{"source": "github", "workflow": {"command": ["x"]}}"#,
+            &[],
+        );
+        assert!(e.starts_with("github.repos: required"), "{e}");
+        let e = err(
+            &MINIMAL.replace("[\"./wf.sh\", \"--flag\", \"./data\"]", "[]"),
+            &[],
+        );
+        assert!(e.starts_with("workflow.command: required"), "{e}");
+        let e = err(
+            r#"{"source": "github", "github": {"repos": ["nope"]}}"#,
+            &[],
+        );
+        assert!(
+            e.starts_with("github.repos[0]: invalid repository \"nope\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let e = err("{\n  \"source\": \"local\",\n  oops\n}", &[]);
+        assert!(e.starts_with("line 3 column 3: invalid JSON"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_win_and_are_typed_leniently() {
+        let c = parse(
+            MINIMAL,
+            &[
+                ("CLAUDE_FLOW_SERVICE__MAX_CONCURRENT", "4"),
+                ("CLAUDE_FLOW_GITHUB__TOKEN", "12345"),
+                ("CLAUDE_FLOW_GITHUB__COMMENT", "false"),
+                ("CLAUDE_FLOW_GITHUB__LABELS__DONE", "shipped"),
+                ("CLAUDE_FLOW_SERVICE__POLL_INTERVAL", "90s"),
+                ("CLAUDE_FLOW_GITHUB__REPOS", r#"["a/b"]"#),
+                ("CLAUDE_FLOW_CONFIG", "/elsewhere.json"),
+                ("CLAUDE_FLOW_ISSUE_TITLE", "not an override"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.service.max_concurrent, 4);
+        assert_eq!(c.github.token.as_ref().map(Secret::expose), Some("12345"));
+        assert!(!c.github.comment);
+        assert_eq!(c.github.labels.done, "shipped");
+        assert_eq!(c.service.poll_interval, Duration::from_secs(90));
+        assert_eq!(c.github.repos, ["a/b".parse::<RepoId>().unwrap()]);
+    }
+
+    #[test]
+    fn environment_errors_name_the_variable() {
+        let e = err(MINIMAL, &[("CLAUDE_FLOW_SERVICE__MAX_CONCURRENT", "many")]);
+        assert!(
+            e.starts_with("service.max_concurrent (from CLAUDE_FLOW_SERVICE__MAX_CONCURRENT):"),
+            "{e}"
+        );
+        let e = err(MINIMAL, &[("CLAUDE_FLOW_SERVICE__POL_INTERVAL", "1m")]);
+        assert!(
+            e.contains(
+                "service.pol_interval (from CLAUDE_FLOW_SERVICE__POL_INTERVAL): unknown key"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn config_show_redacts_secrets() {
+        let c = parse(
+            MINIMAL,
+            &[
+                ("CLAUDE_FLOW_GITHUB__TOKEN", "ghp_secret"),
+                ("CLAUDE_FLOW_GITHUB__WEBHOOK_SECRET", "hook"),
+            ],
+        )
+        .unwrap();
+        let shown = c.to_redacted_json().to_string();
+        assert!(
+            !shown.contains("ghp_secret") && !shown.contains("hook\""),
+            "{shown}"
+        );
+        assert!(shown.contains("[redacted]"));
+        assert!(shown.contains("\"poll_interval\":\"5m\""), "{shown}");
+    }
+}

@@ -1,0 +1,32 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+pub mod app;
+pub mod config;
+mod error;
+mod issue;
+pub mod issue_source;
+pub mod logging;
+mod orchestrator;
+mod record;
+pub mod runner;
+mod secret;
+pub mod signals;
+pub mod state;
+
+pub use config::Config;
+pub use error::{ConfigError, Error, RunnerError, SourceError, StoreError};
+pub use issue::{InvalidRepoId, Issue, IssueKey, PrScope, RepoId};
+pub use issue_source::{FailureReport, IssueSource, LocalSource, StartReport, SuccessReport};
+pub use orchestrator::{Orchestrator, OrchestratorBuilder, Settings, Summary};
+pub use record::{Attempt, AttemptOutcome, IssueRecord, IssueStatus, Reports};
+pub use runner::{ExitKind, FnRunner, RunOutcome, SubprocessRunner, WorkflowJob, WorkflowRunner};
+pub use secret::Secret;
+pub use state::{FileStore, StateStore};
+
+#[cfg(feature = "test-util")]
+pub use issue_source::{MemorySource, MockIssueSource, Reported};
+#[cfg(feature = "test-util")]
+pub use runner::MockWorkflowRunner;
+#[cfg(feature = "test-util")]
+pub use state::{MemoryStore, MockStateStore};

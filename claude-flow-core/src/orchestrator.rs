@@ -1,0 +1,848 @@
+//! The orchestrator: polls a source, runs workflow attempts with bounded
+//! concurrency, retries with backoff, and keeps every transition in the
+//! state store before acting on it.
+//!
+//! One scheduler loop owns the records and makes every decision (what to
+//! start, when to poll, when to stop); each running attempt is a task that
+//! writes its own transitions, so that concurrent attempts' writes reach
+//! the store together and share its syncs.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::ServiceConfig;
+use crate::error::{Error, StoreError};
+use crate::issue::{Issue, IssueKey};
+use crate::issue_source::{FailureReport, IssueSource, StartReport, SuccessReport};
+use crate::record::{Attempt, AttemptOutcome, IssueRecord, IssueStatus};
+use crate::runner::{ExitKind, RunOutcome, WorkflowJob, WorkflowRunner};
+use crate::state::StateStore;
+
+/// The orchestrator's tunables; they can change while it runs
+/// ([`Orchestrator::update_settings`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Between polls of the source.
+    pub poll_interval: Duration,
+    /// Attempts running at once.
+    pub max_concurrent: u32,
+    /// Failed attempts per round before the issue is marked failed.
+    pub max_attempts: u32,
+    /// Before retry k: `retry_backoff × 2^(k−1)`, capped at `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    /// The backoff's cap.
+    pub retry_backoff_max: Duration,
+    /// How long a graceful stop waits for running attempts.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self::from_config(&ServiceConfig::default())
+    }
+}
+
+impl Settings {
+    /// The settings of a `service` configuration section.
+    pub fn from_config(service: &ServiceConfig) -> Self {
+        Self {
+            poll_interval: service.poll_interval,
+            max_concurrent: service.max_concurrent,
+            max_attempts: service.max_attempts,
+            retry_backoff: service.retry_backoff,
+            retry_backoff_max: service.retry_backoff_max,
+            shutdown_grace: service.shutdown_grace,
+        }
+    }
+
+    /// The wait before retry `k` (k = failed attempts so far, from 1): the
+    /// capped exponential delay, of which at least half is always waited
+    /// and the rest is random jitter, so that retries of many issues that
+    /// failed together spread out.
+    pub fn backoff(&self, k: u32) -> Duration {
+        let factor = 2u32.saturating_pow(k.saturating_sub(1));
+        let full = self
+            .retry_backoff
+            .saturating_mul(factor)
+            .min(self.retry_backoff_max);
+        let half = full / 2;
+        let jitter = full - half;
+        half + jitter.mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+}
+
+/// How an orchestrator run ended, counting the issues it settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Issues whose workflow succeeded.
+    pub done: usize,
+    /// Issues that failed after their last attempt.
+    pub failed: usize,
+    /// Issues cancelled because the source stopped wanting them.
+    pub cancelled: usize,
+    /// Attempts interrupted by the shutdown (they run again after a restart).
+    pub interrupted: usize,
+}
+
+/// Builds an [`Orchestrator`].
+#[derive(Default)]
+pub struct OrchestratorBuilder {
+    source: Option<Arc<dyn IssueSource>>,
+    runner: Option<Arc<dyn WorkflowRunner>>,
+    store: Option<Arc<dyn StateStore>>,
+    settings: Settings,
+}
+
+impl std::fmt::Debug for OrchestratorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrchestratorBuilder")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OrchestratorBuilder {
+    /// Where issues come from (required).
+    pub fn source(mut self, source: Arc<dyn IssueSource>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// What runs the workflow (required).
+    pub fn runner(mut self, runner: Arc<dyn WorkflowRunner>) -> Self {
+        self.runner = Some(runner);
+        self
+    }
+
+    /// Where records are kept (required).
+    pub fn store(mut self, store: Arc<dyn StateStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Tunables; defaults to CONTRACT section 3's defaults.
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// The orchestrator, or an error naming the missing part.
+    pub fn build(self) -> Result<Orchestrator, Error> {
+        let missing = |what: &str| Error::Other(format!("OrchestratorBuilder: no {what} given"));
+        let (settings, _) = watch::channel(self.settings);
+        Ok(Orchestrator {
+            shared: Arc::new(Shared {
+                source: self.source.ok_or_else(|| missing("source"))?,
+                runner: self.runner.ok_or_else(|| missing("runner"))?,
+                store: self.store.ok_or_else(|| missing("store"))?,
+            }),
+            settings,
+            poll_now: Arc::new(Notify::new()),
+        })
+    }
+}
+
+struct Shared {
+    source: Arc<dyn IssueSource>,
+    runner: Arc<dyn WorkflowRunner>,
+    store: Arc<dyn StateStore>,
+}
+
+/// Turns ready issues into workflow attempts. Build it with
+/// [`Orchestrator::builder`], then call [`run`](Orchestrator::run) (until
+/// shutdown) or [`run_once`](Orchestrator::run_once).
+pub struct Orchestrator {
+    shared: Arc<Shared>,
+    settings: watch::Sender<Settings>,
+    poll_now: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("settings", &*self.settings.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Forever,
+    Once,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Unwanted,
+    Shutdown,
+}
+
+struct Running {
+    cancel: CancellationToken,
+    reason: Arc<OnceLock<StopReason>>,
+}
+
+impl Running {
+    fn stop(&self, reason: StopReason) {
+        let _ = self.reason.set(reason);
+        self.cancel.cancel();
+    }
+}
+
+enum TaskKind {
+    Attempt,
+    Report,
+}
+
+type TaskResult = (IssueKey, TaskKind, Result<IssueRecord, Error>);
+
+impl Orchestrator {
+    /// A builder.
+    pub fn builder() -> OrchestratorBuilder {
+        OrchestratorBuilder::default()
+    }
+
+    /// Replaces the settings; a running loop picks them up at once. Running
+    /// attempts are not affected.
+    pub fn update_settings(&self, settings: Settings) {
+        self.settings.send_replace(settings);
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> Settings {
+        self.settings.borrow().clone()
+    }
+
+    /// Asks a running loop to poll now instead of at the next interval.
+    pub fn poll_now(&self) {
+        self.poll_now.notify_one();
+    }
+
+    /// Polls every `poll_interval` and runs what is ready until `shutdown`
+    /// fires; then stops gracefully (see [`Settings::shutdown_grace`]).
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<Summary, Error> {
+        self.engine(Mode::Forever).run(shutdown).await
+    }
+
+    /// Polls once, then works until every issue found eligible is settled
+    /// (done, failed after its last attempt, or cancelled), waiting out
+    /// retry backoff. Stops early, gracefully, if `shutdown` fires.
+    pub async fn run_once(&self, shutdown: CancellationToken) -> Result<Summary, Error> {
+        self.engine(Mode::Once).run(shutdown).await
+    }
+
+    fn engine(&self, mode: Mode) -> Engine {
+        Engine {
+            shared: Arc::clone(&self.shared),
+            settings: self.settings.subscribe(),
+            poll_now: Arc::clone(&self.poll_now),
+            mode,
+            records: HashMap::new(),
+            running: HashMap::new(),
+            eligible: HashSet::new(),
+            once_set: None,
+            tasks: JoinSet::new(),
+            paused_until: None,
+            summary: Summary::default(),
+            failure: None,
+        }
+    }
+}
+
+struct Engine {
+    shared: Arc<Shared>,
+    settings: watch::Receiver<Settings>,
+    poll_now: Arc<Notify>,
+    mode: Mode,
+    records: HashMap<IssueKey, IssueRecord>,
+    running: HashMap<IssueKey, Running>,
+    /// Keys the source said were ready at the last poll.
+    eligible: HashSet<IssueKey>,
+    /// `run_once`: the issues found at the one poll that are still owed work.
+    once_set: Option<HashSet<IssueKey>>,
+    tasks: JoinSet<TaskResult>,
+    paused_until: Option<SystemTime>,
+    summary: Summary,
+    /// The first fatal error; the loop stops as if shut down.
+    failure: Option<Error>,
+}
+
+impl Engine {
+    async fn run(mut self, shutdown: CancellationToken) -> Result<Summary, Error> {
+        self.recover().await?;
+        let mut next_poll = Instant::now();
+        let mut grace_deadline: Option<Instant> = None;
+        loop {
+            let stopping = grace_deadline.is_some();
+            let settings = self.settings.borrow_and_update().clone();
+            if !stopping && Instant::now() >= next_poll {
+                self.tick().await?;
+                next_poll = Instant::now() + settings.poll_interval;
+            }
+            if !stopping {
+                self.dispatch(&settings);
+            }
+            if self.once_finished() || (stopping && self.tasks.is_empty()) {
+                break;
+            }
+            if let Some(deadline) = grace_deadline
+                && Instant::now() >= deadline
+            {
+                for running in self.running.values() {
+                    running.stop(StopReason::Shutdown);
+                }
+            }
+            let wake = self.next_wake(next_poll, grace_deadline);
+            tokio::select! {
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    self.finished(joined);
+                }
+                () = tokio::time::sleep_until(wake) => {}
+                () = shutdown.cancelled(), if !stopping => {
+                    tracing::info!(running = self.running.len(), grace = %humantime::format_duration(settings.shutdown_grace), "shutting down: no new work; waiting for running workflows");
+                    grace_deadline = Some(Instant::now() + settings.shutdown_grace);
+                }
+                Ok(()) = self.settings.changed() => {}
+                () = self.poll_now.notified(), if !stopping => next_poll = Instant::now(),
+            }
+            if self.failure.is_some() && grace_deadline.is_none() {
+                grace_deadline = Some(Instant::now());
+            }
+        }
+        match self.failure {
+            Some(e) => Err(e),
+            None => Ok(self.summary),
+        }
+    }
+
+    /// Loads every record; attempts that were running when the previous
+    /// instance died are interrupted (not failed) and what is left of them
+    /// is killed; outcomes that were never reported are reported now.
+    async fn recover(&mut self) -> Result<(), Error> {
+        let now = SystemTime::now();
+        for mut record in self.shared.store.load().await? {
+            if record.status == IssueStatus::Running {
+                if let Some(attempt) = record.attempts.last_mut()
+                    && attempt.outcome.is_none()
+                {
+                    if let Err(e) = self.shared.runner.abandon(&attempt.run_id).await {
+                        tracing::warn!(issue = %record.issue.key, error = %e, "cannot clean up an interrupted attempt");
+                    }
+                    attempt.outcome = Some(AttemptOutcome::Interrupted);
+                    attempt.finished_at = Some(now);
+                }
+                tracing::info!(issue = %record.issue.key, "resuming an attempt interrupted by a restart");
+                record.status = IssueStatus::Queued;
+                record.updated_at = now;
+                self.shared.store.put(&record).await?;
+            }
+            if let Some(Attempt {
+                outcome: Some(AttemptOutcome::QuotaExhausted { until }),
+                ..
+            }) = record.last_attempt()
+                && *until > now
+            {
+                self.paused_until = self.paused_until.max(Some(*until));
+            }
+            if matches!(record.status, IssueStatus::Done | IssueStatus::Failed)
+                && !record.reports.outcome_reported
+            {
+                let shared = Arc::clone(&self.shared);
+                let key = record.issue.key.clone();
+                let settings = self.settings.borrow().clone();
+                let mut pending = record.clone();
+                self.tasks.spawn(
+                    async move {
+                        let result = report_outcome(&shared, &settings, &mut pending)
+                            .await
+                            .map(|()| pending);
+                        (key, TaskKind::Report, result)
+                    }
+                    .instrument(tracing::info_span!("issue", issue = %record.issue.key)),
+                );
+            }
+            self.records.insert(record.issue.key.clone(), record);
+        }
+        Ok(())
+    }
+
+    /// A poll (forever), or a check of the issues still owed work (once).
+    async fn tick(&mut self) -> Result<(), Error> {
+        if self.mode == Mode::Once && self.once_set.is_some() {
+            return self.check_wanted().await;
+        }
+        let issues = match self.shared.source.poll().await {
+            Ok(issues) => issues,
+            Err(e) if self.mode == Mode::Once => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "poll failed; trying again at the next interval");
+                return Ok(());
+            }
+        };
+        tracing::debug!(ready = issues.len(), "polled");
+        self.apply_poll(issues).await?;
+        if self.mode == Mode::Once {
+            let owed = self
+                .eligible
+                .iter()
+                .filter(|k| self.records.get(*k).is_some_and(|r| !r.status.is_settled()))
+                .cloned()
+                .collect();
+            self.once_set = Some(owed);
+        }
+        self.check_wanted().await
+    }
+
+    async fn apply_poll(&mut self, issues: Vec<Issue>) -> Result<(), Error> {
+        self.eligible = issues.iter().map(|i| i.key.clone()).collect();
+        let mut changed = Vec::new();
+        for issue in issues {
+            let key = issue.key.clone();
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            match self.records.get_mut(&key) {
+                None => {
+                    tracing::info!(issue = %key, title = %issue.title, "new issue");
+                    let record = IssueRecord::new(issue);
+                    changed.push(record.clone());
+                    self.records.insert(key, record);
+                }
+                Some(record) if record.status.is_settled() => {
+                    if record.issue.trigger != issue.trigger {
+                        tracing::info!(issue = %key, round = record.round + 1, "triggered again: new round");
+                        record.issue = issue;
+                        record.start_new_round();
+                        changed.push(record.clone());
+                    }
+                }
+                Some(record) => {
+                    if record.issue != issue {
+                        record.issue = issue;
+                        record.updated_at = SystemTime::now();
+                        changed.push(record.clone());
+                    }
+                }
+            }
+        }
+        put_all(&self.shared.store, changed).await?;
+        Ok(())
+    }
+
+    /// Cancels running attempts whose issue is no longer wanted; under
+    /// `run_once`, also drops waiting issues that are no longer wanted.
+    async fn check_wanted(&mut self) -> Result<(), Error> {
+        let mut keys: Vec<IssueKey> = self.running.keys().cloned().collect();
+        if let Some(owed) = &self.once_set {
+            keys.extend(
+                owed.iter()
+                    .filter(|k| !self.running.contains_key(*k))
+                    .cloned(),
+            );
+        }
+        for key in keys {
+            let Some(record) = self.records.get(&key) else {
+                continue;
+            };
+            match self.shared.source.is_wanted(&record.issue).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    if let Some(running) = self.running.get(&key) {
+                        tracing::info!(issue = %key, "no longer wanted: cancelling the running workflow");
+                        running.stop(StopReason::Unwanted);
+                    } else if let Some(owed) = &mut self.once_set {
+                        tracing::info!(issue = %key, "no longer wanted: not retrying");
+                        owed.remove(&key);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(issue = %key, error = %e, "cannot check whether the issue is still wanted")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts attempts while slots are free, oldest-due first.
+    fn dispatch(&mut self, settings: &Settings) {
+        let now = SystemTime::now();
+        if self.paused_until.is_some_and(|t| t > now) {
+            return;
+        }
+        self.paused_until = None;
+        let free = (settings.max_concurrent as usize).saturating_sub(self.running.len());
+        if free == 0 {
+            return;
+        }
+        let mut due: Vec<(SystemTime, IssueKey)> = self
+            .records
+            .values()
+            .filter(|r| self.eligible.contains(r.key()) && !self.running.contains_key(r.key()))
+            .filter(|r| self.once_set.as_ref().is_none_or(|s| s.contains(r.key())))
+            .filter_map(|r| match r.status {
+                IssueStatus::Queued => Some((r.updated_at, r.key().clone())),
+                IssueStatus::Retrying => r
+                    .next_retry_at
+                    .filter(|t| *t <= now)
+                    .map(|t| (t, r.key().clone())),
+                _ => None,
+            })
+            .collect();
+        due.sort();
+        for (_, key) in due.into_iter().take(free) {
+            self.start(key, settings);
+        }
+    }
+
+    fn start(&mut self, key: IssueKey, settings: &Settings) {
+        let Some(record) = self.records.get_mut(&key) else {
+            return;
+        };
+        let now = SystemTime::now();
+        let number = record.next_attempt_number();
+        record.attempts.push(Attempt {
+            number,
+            round: record.round,
+            run_id: new_run_id(),
+            started_at: now,
+            finished_at: None,
+            outcome: None,
+            exit_code: None,
+            signal: None,
+            log_path: None,
+            pr_url: None,
+        });
+        record.status = IssueStatus::Running;
+        record.next_retry_at = None;
+        record.updated_at = now;
+        let running = Running {
+            cancel: CancellationToken::new(),
+            reason: Arc::new(OnceLock::new()),
+        };
+        let span = tracing::info_span!("issue", issue = %key, attempt = number);
+        let task = attempt_task(
+            Arc::clone(&self.shared),
+            settings.clone(),
+            record.clone(),
+            running.cancel.clone(),
+            Arc::clone(&running.reason),
+        );
+        self.running.insert(key.clone(), running);
+        self.tasks
+            .spawn(async move { (key, TaskKind::Attempt, task.await) }.instrument(span));
+    }
+
+    fn finished(&mut self, joined: Result<TaskResult, tokio::task::JoinError>) {
+        let (key, kind, result) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                self.fail(Error::Other(format!("an attempt task panicked: {e}")));
+                return;
+            }
+        };
+        if matches!(kind, TaskKind::Attempt) {
+            self.running.remove(&key);
+        }
+        let record = match result {
+            Ok(record) => record,
+            Err(e) => {
+                self.fail(e);
+                return;
+            }
+        };
+        if matches!(kind, TaskKind::Attempt) {
+            match record.status {
+                IssueStatus::Done => self.summary.done += 1,
+                IssueStatus::Failed => self.summary.failed += 1,
+                IssueStatus::Cancelled => self.summary.cancelled += 1,
+                _ => {}
+            }
+            match record.last_attempt().and_then(|a| a.outcome.as_ref()) {
+                Some(AttemptOutcome::Interrupted) => self.summary.interrupted += 1,
+                Some(AttemptOutcome::QuotaExhausted { until }) => {
+                    tracing::warn!(until = %humantime::format_rfc3339_seconds(*until), "the workflow's quota is exhausted: no workflow starts until then");
+                    self.paused_until = self.paused_until.max(Some(*until));
+                }
+                _ => {}
+            }
+            if record.status.is_settled()
+                && let Some(owed) = &mut self.once_set
+            {
+                owed.remove(&key);
+            }
+        }
+        self.records.insert(key, record);
+    }
+
+    fn fail(&mut self, e: Error) {
+        tracing::error!(error = %e, "stopping: cannot go on safely");
+        if self.failure.is_none() {
+            self.failure = Some(e);
+        }
+    }
+
+    fn once_finished(&self) -> bool {
+        self.once_set
+            .as_ref()
+            .is_some_and(|owed| owed.is_empty() && self.tasks.is_empty())
+    }
+
+    fn next_wake(&self, next_poll: Instant, grace_deadline: Option<Instant>) -> Instant {
+        let now_sys = SystemTime::now();
+        let now = Instant::now();
+        let until = |t: SystemTime| now + t.duration_since(now_sys).unwrap_or_default();
+        let mut wake = next_poll;
+        if let Some(deadline) = grace_deadline {
+            // Past the deadline every attempt has been told to stop; wait
+            // for their tasks, not for a timer.
+            wake = if deadline > now {
+                deadline
+            } else {
+                now + Duration::from_secs(3600)
+            };
+        } else if let Some(paused) = self.paused_until {
+            wake = wake.min(until(paused));
+        } else {
+            for record in self.records.values() {
+                if record.status == IssueStatus::Retrying
+                    && let Some(t) = record.next_retry_at
+                {
+                    wake = wake.min(until(t));
+                }
+            }
+        }
+        wake
+    }
+}
+
+/// One attempt, from its durable start to its durable outcome and report.
+async fn attempt_task(
+    shared: Arc<Shared>,
+    settings: Settings,
+    mut record: IssueRecord,
+    cancel: CancellationToken,
+    reason: Arc<OnceLock<StopReason>>,
+) -> Result<IssueRecord, Error> {
+    // Durable before the workflow starts: a crash from here on is seen as
+    // an interrupted attempt, never as a lost one.
+    shared.store.put(&record).await?;
+    let Some(attempt) = record.attempts.last().cloned() else {
+        return Err(Error::Other("attempt task without an attempt".into()));
+    };
+    let failures = record.failures_this_round();
+    if record.reports.started_attempt != Some(attempt.number) {
+        let start = StartReport {
+            attempt: attempt.number,
+            failures,
+            max_attempts: settings.max_attempts,
+        };
+        match shared
+            .source
+            .report_started(&record.issue, start, &mut record.reports)
+            .await
+        {
+            Ok(()) => record.reports.started_attempt = Some(attempt.number),
+            Err(e) => tracing::warn!(error = %e, "cannot report the start to the source"),
+        }
+    }
+    tracing::info!("workflow starting");
+    let job = WorkflowJob {
+        issue: record.issue.clone(),
+        attempt: attempt.number,
+        run_id: attempt.run_id.clone(),
+    };
+    let result = shared.runner.run(&job, cancel).await;
+    let stop_reason = reason.get().copied();
+    apply_outcome(&mut record, &settings, result, stop_reason);
+    shared.store.put(&record).await?;
+    if matches!(record.status, IssueStatus::Done | IssueStatus::Failed) {
+        report_outcome(&shared, &settings, &mut record).await?;
+    }
+    Ok(record)
+}
+
+fn apply_outcome(
+    record: &mut IssueRecord,
+    settings: &Settings,
+    result: Result<RunOutcome, crate::error::RunnerError>,
+    stop_reason: Option<StopReason>,
+) {
+    let now = SystemTime::now();
+    let Some(attempt) = record.attempts.last_mut() else {
+        return;
+    };
+    attempt.finished_at = Some(now);
+    let outcome = match result {
+        Ok(run) => {
+            attempt.log_path = run.log_path.clone();
+            attempt.pr_url = run.pr_url.clone();
+            match run.exit {
+                ExitKind::Code(code) => attempt.exit_code = Some(code),
+                ExitKind::Signal(signal) => attempt.signal = Some(signal),
+                _ => {}
+            }
+            classify(&run, stop_reason)
+        }
+        Err(e) => AttemptOutcome::Failed {
+            reason: e.to_string(),
+        },
+    };
+    attempt.outcome = Some(outcome.clone());
+    let pr_url = attempt.pr_url.clone();
+    record.updated_at = now;
+    match outcome {
+        AttemptOutcome::Succeeded => {
+            tracing::info!(
+                pr_url = pr_url.as_deref().unwrap_or("none"),
+                "workflow succeeded"
+            );
+            record.status = IssueStatus::Done;
+            record.pr_url = pr_url;
+            record.last_error = None;
+        }
+        AttemptOutcome::Failed { reason } => {
+            let failures = record.failures_this_round();
+            if failures >= settings.max_attempts {
+                tracing::warn!(%reason, failures, "workflow failed; no attempts left");
+                record.status = IssueStatus::Failed;
+            } else {
+                let wait = settings.backoff(failures);
+                tracing::warn!(%reason, failures, retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())), "workflow failed; will retry");
+                record.status = IssueStatus::Retrying;
+                record.next_retry_at = Some(now + wait);
+            }
+            record.last_error = Some(reason);
+        }
+        AttemptOutcome::Cancelled => {
+            tracing::info!("workflow cancelled: the issue is no longer wanted");
+            record.status = IssueStatus::Cancelled;
+        }
+        AttemptOutcome::Interrupted => {
+            tracing::info!("workflow interrupted by the shutdown; it runs again after a restart");
+            record.status = IssueStatus::Queued;
+        }
+        AttemptOutcome::QuotaExhausted { .. } => {
+            record.status = IssueStatus::Queued;
+        }
+    }
+}
+
+fn classify(run: &RunOutcome, stop_reason: Option<StopReason>) -> AttemptOutcome {
+    match run.exit {
+        ExitKind::Code(0) => AttemptOutcome::Succeeded,
+        ExitKind::Code(_) if run.retry_after.is_some() => AttemptOutcome::QuotaExhausted {
+            until: run.retry_after.unwrap_or(SystemTime::UNIX_EPOCH),
+        },
+        ExitKind::Code(code) => AttemptOutcome::Failed {
+            reason: format!("exit code {code}"),
+        },
+        ExitKind::Signal(signal) => AttemptOutcome::Failed {
+            reason: format!("killed by signal {}", signal_name(signal)),
+        },
+        ExitKind::TimedOut(limit) => AttemptOutcome::Failed {
+            reason: format!("timed out after {}", humantime::format_duration(limit)),
+        },
+        ExitKind::Cancelled => match stop_reason {
+            Some(StopReason::Unwanted) => AttemptOutcome::Cancelled,
+            // A runner that reports a cancellation we did not ask for is
+            // treated like a shutdown: run it again.
+            Some(StopReason::Shutdown) | None => AttemptOutcome::Interrupted,
+        },
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| signal.to_string())
+}
+
+/// Reports a settled round to the source, once: the record remembers it.
+async fn report_outcome(
+    shared: &Shared,
+    settings: &Settings,
+    record: &mut IssueRecord,
+) -> Result<(), Error> {
+    let result = match record.status {
+        IssueStatus::Done => {
+            let success = SuccessReport {
+                pr_url: record.pr_url.clone(),
+                attempt: record.last_attempt().map_or(0, |a| a.number),
+            };
+            shared
+                .source
+                .report_succeeded(&record.issue, &success, &mut record.reports)
+                .await
+        }
+        IssueStatus::Failed => {
+            let last = record.last_attempt();
+            let failure = FailureReport {
+                reason: record.last_error.clone().unwrap_or_default(),
+                log_tail: last
+                    .and_then(|a| a.log_path.as_deref())
+                    .map(|p| log_tail(p, 20))
+                    .unwrap_or_default(),
+                attempts: record.failures_this_round().min(settings.max_attempts),
+            };
+            shared
+                .source
+                .report_failed(&record.issue, &failure, &mut record.reports)
+                .await
+        }
+        _ => return Ok(()),
+    };
+    match result {
+        Ok(()) => {
+            record.reports.outcome_reported = true;
+            shared.store.put(record).await?;
+        }
+        // Reported again at the next start.
+        Err(e) => tracing::warn!(error = %e, "cannot report the outcome to the source"),
+    }
+    Ok(())
+}
+
+/// The last `lines` lines of a log, reading at most its last 64 KiB.
+pub(crate) fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(64 * 1024);
+    let mut bytes = Vec::new();
+    if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+async fn put_all(store: &Arc<dyn StateStore>, records: Vec<IssueRecord>) -> Result<(), StoreError> {
+    let mut puts = JoinSet::new();
+    for record in records {
+        let store = Arc::clone(store);
+        puts.spawn(async move { store.put(&record).await });
+    }
+    while let Some(done) = puts.join_next().await {
+        done.map_err(|e| StoreError::Failed(format!("a state write panicked: {e}")))??;
+    }
+    Ok(())
+}
+
+fn new_run_id() -> String {
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    format!("{millis:x}-{:08x}", rand::rng().random::<u32>())
+}

@@ -1,0 +1,285 @@
+//! What the state store keeps per issue: its status, every attempt with its
+//! times and outcome, the pull request, and what was reported back.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::issue::{Issue, IssueKey};
+
+/// Where an issue stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssueStatus {
+    /// Waiting for a free slot (new, resumed after an interruption, or
+    /// waiting out a quota pause).
+    Queued,
+    /// A workflow attempt is running.
+    Running,
+    /// The last attempt failed; the next one waits until `next_retry_at`.
+    Retrying,
+    /// Settled: the workflow succeeded.
+    Done,
+    /// Settled: every attempt of the round failed.
+    Failed,
+    /// Settled: the source no longer wanted the issue while it ran.
+    Cancelled,
+}
+
+impl IssueStatus {
+    /// Done, failed or cancelled: nothing more happens until a new round.
+    pub fn is_settled(self) -> bool {
+        matches!(self, Self::Done | Self::Failed | Self::Cancelled)
+    }
+
+    /// The lower-case name used in output and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for IssueStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// Exit 0.
+    Succeeded,
+    /// Non-zero exit, killed by a signal, timed out, or could not start.
+    Failed {
+        /// Human-readable reason, e.g. `exit code 3` or `timed out after 2h`.
+        reason: String,
+    },
+    /// Cancelled because the source no longer wanted the issue.
+    Cancelled,
+    /// Stopped by a service shutdown or crash; run again, not counted.
+    Interrupted,
+    /// Exit 75 with a `claude-flow: retry-after` line; not counted.
+    QuotaExhausted {
+        /// When starts may resume.
+        #[serde(with = "humantime_serde")]
+        until: SystemTime,
+    },
+}
+
+impl AttemptOutcome {
+    /// Whether this attempt uses up one of `max_attempts`.
+    pub fn counts_as_failure(&self) -> bool {
+        matches!(self, Self::Failed { .. })
+    }
+}
+
+/// One run of the workflow for an issue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1, 2, ... over the issue's whole life, so logs never overwrite
+    /// each other; `CLAUDE_FLOW_ATTEMPT` carries it.
+    pub number: u32,
+    /// The round this attempt belongs to.
+    pub round: u32,
+    /// Unique per attempt (`CLAUDE_FLOW_RUN_ID`).
+    pub run_id: String,
+    /// When it started.
+    #[serde(with = "humantime_serde")]
+    pub started_at: SystemTime,
+    /// When it ended; `None` while running.
+    #[serde(default, with = "humantime_serde")]
+    pub finished_at: Option<SystemTime>,
+    /// How it ended; `None` while running.
+    #[serde(default)]
+    pub outcome: Option<AttemptOutcome>,
+    /// Exit code, when the workflow exited by itself.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Signal that ended the workflow, when one did.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// The attempt's log file.
+    #[serde(default)]
+    pub log_path: Option<PathBuf>,
+    /// The pull request URL found in this attempt's output.
+    #[serde(default)]
+    pub pr_url: Option<String>,
+}
+
+impl Attempt {
+    /// How long the attempt ran (so far, when still running).
+    pub fn duration(&self) -> Duration {
+        self.finished_at
+            .unwrap_or_else(SystemTime::now)
+            .duration_since(self.started_at)
+            .unwrap_or_default()
+    }
+}
+
+/// What has been reported back to the source in the current round, so that
+/// a restart does not report twice (or forget to report).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reports {
+    /// The last attempt whose start was reported.
+    #[serde(default)]
+    pub started_attempt: Option<u32>,
+    /// Whether the round's final outcome (success or failure) was reported.
+    #[serde(default)]
+    pub outcome_reported: bool,
+    /// Whatever the source wants to remember about its reports (for
+    /// example the id of its status comment). Opaque to everyone else.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub memo: BTreeMap<String, String>,
+}
+
+/// Everything the service knows about one issue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueRecord {
+    /// The issue as the source last described it.
+    pub issue: Issue,
+    /// Where it stands.
+    pub status: IssueStatus,
+    /// 1 for the first trigger, +1 each time the trigger is applied again
+    /// (or `retry` is asked for) after the issue settled.
+    pub round: u32,
+    /// Every attempt, oldest first, across rounds.
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+    /// The pull request of the current round.
+    #[serde(default)]
+    pub pr_url: Option<String>,
+    /// When the next attempt may start (status `retrying`).
+    #[serde(default, with = "humantime_serde")]
+    pub next_retry_at: Option<SystemTime>,
+    /// The last failure, in words.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// What was reported back to the source this round.
+    #[serde(default)]
+    pub reports: Reports,
+    /// Last change.
+    #[serde(with = "humantime_serde")]
+    pub updated_at: SystemTime,
+}
+
+impl IssueRecord {
+    /// A new record for an issue seen for the first time.
+    pub fn new(issue: Issue) -> Self {
+        Self {
+            issue,
+            status: IssueStatus::Queued,
+            round: 1,
+            attempts: Vec::new(),
+            pr_url: None,
+            next_retry_at: None,
+            last_error: None,
+            reports: Reports::default(),
+            updated_at: SystemTime::now(),
+        }
+    }
+
+    /// The issue's key.
+    pub fn key(&self) -> &IssueKey {
+        &self.issue.key
+    }
+
+    /// Attempts of the current round that used up the retry budget.
+    pub fn failures_this_round(&self) -> u32 {
+        let n = self
+            .attempts
+            .iter()
+            .filter(|a| a.round == self.round)
+            .filter(|a| {
+                a.outcome
+                    .as_ref()
+                    .is_some_and(AttemptOutcome::counts_as_failure)
+            })
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// The most recent attempt.
+    pub fn last_attempt(&self) -> Option<&Attempt> {
+        self.attempts.last()
+    }
+
+    /// The number the next attempt gets.
+    pub fn next_attempt_number(&self) -> u32 {
+        self.attempts.last().map_or(1, |a| a.number + 1)
+    }
+
+    /// Starts a new round: the issue is queued again with a fresh retry
+    /// budget and nothing reported yet. History is kept.
+    pub fn start_new_round(&mut self) {
+        self.round += 1;
+        self.status = IssueStatus::Queued;
+        self.pr_url = None;
+        self.next_retry_at = None;
+        self.last_error = None;
+        self.reports = Reports::default();
+        self.updated_at = SystemTime::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::issue::IssueKey;
+
+    fn attempt(round: u32, number: u32, outcome: AttemptOutcome) -> Attempt {
+        Attempt {
+            number,
+            round,
+            run_id: format!("r{number}"),
+            started_at: SystemTime::UNIX_EPOCH,
+            finished_at: Some(SystemTime::UNIX_EPOCH),
+            outcome: Some(outcome),
+            exit_code: None,
+            signal: None,
+            log_path: None,
+            pr_url: None,
+        }
+    }
+
+    #[test]
+    fn only_failures_of_the_current_round_use_up_attempts() {
+        let key = IssueKey::new("o/r".parse().unwrap(), 1);
+        let mut r = IssueRecord::new(Issue::new(key, "t"));
+        let failed = || AttemptOutcome::Failed {
+            reason: "exit code 1".into(),
+        };
+        r.attempts.push(attempt(1, 1, failed()));
+        r.attempts.push(attempt(1, 2, AttemptOutcome::Interrupted));
+        r.attempts.push(attempt(
+            1,
+            3,
+            AttemptOutcome::QuotaExhausted {
+                until: SystemTime::UNIX_EPOCH,
+            },
+        ));
+        assert_eq!(r.failures_this_round(), 1);
+        r.start_new_round();
+        assert_eq!(r.failures_this_round(), 0);
+        assert_eq!(r.next_attempt_number(), 4);
+    }
+
+    #[test]
+    fn records_survive_json_round_trips() {
+        let key = IssueKey::new("o/r".parse().unwrap(), 7);
+        let mut r = IssueRecord::new(Issue::new(key, "t"));
+        r.attempts.push(attempt(1, 1, AttemptOutcome::Succeeded));
+        r.next_retry_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(5));
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<IssueRecord>(&text).unwrap(), r);
+    }
+}

@@ -1,0 +1,285 @@
+//! The workflow executable of CONTRACT section 4, run as a child process.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use nix::sys::signal::Signal;
+use tokio_util::sync::CancellationToken;
+
+use super::output::scan_output;
+use super::process::{self, GroupGuard};
+use super::{ExitKind, RunOutcome, WorkflowJob, WorkflowRunner};
+use crate::error::RunnerError;
+use crate::issue::Issue;
+use crate::secret::Secret;
+
+/// Exit code with which a workflow asks to be retried later (`EX_TEMPFAIL`).
+pub const EXIT_RETRY_LATER: i32 = 75;
+
+/// How to run workflows.
+#[derive(Debug, Clone)]
+pub struct SubprocessSettings {
+    /// Program and arguments; run without a shell.
+    pub command: Vec<String>,
+    /// Workspaces live in `<workspace_dir>/<owner>__<repo>/issue-<n>`.
+    pub workspace_dir: PathBuf,
+    /// Logs go to `<log_dir>/<owner>__<repo>/issue-<n>/attempt-<k>.log`.
+    pub log_dir: PathBuf,
+    /// Per attempt.
+    pub timeout: Duration,
+    /// Between SIGTERM and SIGKILL when stopping a workflow.
+    pub kill_grace: Duration,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Exported as `GITHUB_TOKEN` and `GH_TOKEN` when set (`workflow.pass_token`).
+    pub token: Option<Secret>,
+}
+
+/// Runs each attempt as a child process in its own process group, with the
+/// issue in its environment and its output in the attempt's log file.
+#[derive(Debug, Clone)]
+pub struct SubprocessRunner {
+    settings: SubprocessSettings,
+}
+
+impl SubprocessRunner {
+    /// A runner with these settings.
+    pub fn new(settings: SubprocessSettings) -> Self {
+        Self { settings }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &SubprocessSettings {
+        &self.settings
+    }
+
+    /// The issue's workspace directory (kept across attempts).
+    pub fn workspace(&self, issue: &Issue) -> PathBuf {
+        self.settings
+            .workspace_dir
+            .join(issue.key.repo.dir_name())
+            .join(format!("issue-{}", issue.key.number))
+    }
+
+    /// The directory of the issue's attempt logs.
+    pub fn log_dir(&self, issue: &Issue) -> PathBuf {
+        log_dir_for(&self.settings.log_dir, issue)
+    }
+
+    fn prepare(&self, job: &WorkflowJob) -> Result<Prepared, RunnerError> {
+        let issue = &job.issue;
+        let workspace = self.workspace(issue);
+        fs::create_dir_all(&workspace).map_err(io_err(&workspace))?;
+        let logs = self.log_dir(issue);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&logs)
+            .map_err(io_err(&logs))?;
+        let stem = format!("attempt-{}", job.attempt);
+        let body_file = logs.join(format!("{stem}.body"));
+        write_private(&body_file, issue.body.as_bytes())?;
+        let json_file = logs.join(format!("{stem}.issue.json"));
+        let json = serde_json::json!({
+            "repo": issue.key.repo.to_string(),
+            "number": issue.key.number,
+            "title": issue.title,
+            "body": issue.body,
+            "labels": issue.labels,
+            "html_url": issue.html_url,
+            "author": issue.author,
+        });
+        write_private(&json_file, json.to_string().as_bytes())?;
+        let log_path = logs.join(format!("{stem}.log"));
+        let log = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
+        Ok(Prepared {
+            workspace,
+            body_file,
+            json_file,
+            log_path,
+            log,
+        })
+    }
+
+    fn command(
+        &self,
+        job: &WorkflowJob,
+        p: &Prepared,
+    ) -> Result<tokio::process::Command, RunnerError> {
+        let s = &self.settings;
+        let (program, args) = s
+            .command
+            .split_first()
+            .ok_or_else(|| RunnerError::Other("workflow.command is empty".into()))?;
+        let issue = &job.issue;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .current_dir(&p.workspace)
+            .stdin(Stdio::null())
+            .stdout(p.log.try_clone().map_err(io_err(&p.log_path))?)
+            .stderr(p.log.try_clone().map_err(io_err(&p.log_path))?);
+        // The service's own settings (which may hold the token, through
+        // CLAUDE_FLOW_GITHUB__TOKEN) and tokens are not the workflow's.
+        for (name, _) in std::env::vars_os() {
+            let n = name.to_string_lossy();
+            if n.starts_with("CLAUDE_FLOW_") || n == "GITHUB_TOKEN" || n == "GH_TOKEN" {
+                cmd.env_remove(&name);
+            }
+        }
+        cmd.envs(&s.env);
+        if let Some(token) = &s.token {
+            cmd.env("GITHUB_TOKEN", token.expose())
+                .env("GH_TOKEN", token.expose());
+        }
+        cmd.env("CLAUDE_FLOW_REPO", issue.key.repo.to_string())
+            .env("CLAUDE_FLOW_ISSUE_NUMBER", issue.key.number.to_string())
+            .env("CLAUDE_FLOW_ISSUE_TITLE", &issue.title)
+            .env("CLAUDE_FLOW_ISSUE_URL", &issue.html_url)
+            .env("CLAUDE_FLOW_ISSUE_BODY_FILE", &p.body_file)
+            .env("CLAUDE_FLOW_ISSUE_JSON_FILE", &p.json_file)
+            .env("CLAUDE_FLOW_BRANCH", issue.branch())
+            .env("CLAUDE_FLOW_ATTEMPT", job.attempt.to_string())
+            .env("CLAUDE_FLOW_WORKSPACE", &p.workspace)
+            .env("CLAUDE_FLOW_RUN_ID", &job.run_id)
+            .kill_on_drop(false);
+        process::configure(&mut cmd);
+        Ok(cmd)
+    }
+}
+
+/// `<log_dir>/<owner>__<repo>/issue-<n>`.
+pub(crate) fn log_dir_for(log_dir: &Path, issue: &Issue) -> PathBuf {
+    log_dir
+        .join(issue.key.repo.dir_name())
+        .join(format!("issue-{}", issue.key.number))
+}
+
+struct Prepared {
+    workspace: PathBuf,
+    body_file: PathBuf,
+    json_file: PathBuf,
+    log_path: PathBuf,
+    log: File,
+}
+
+#[async_trait]
+impl WorkflowRunner for SubprocessRunner {
+    async fn run(
+        &self,
+        job: &WorkflowJob,
+        cancel: CancellationToken,
+    ) -> Result<RunOutcome, RunnerError> {
+        let started = Instant::now();
+        let prepared = self.prepare(job)?;
+        let mut child = match self.command(job, &prepared)?.spawn() {
+            Ok(child) => child,
+            Err(source) => {
+                let program = self.settings.command.first().cloned().unwrap_or_default();
+                let mut log = &prepared.log;
+                let _ = writeln!(
+                    log,
+                    "claude-flow: cannot start workflow {program:?}: {source}"
+                );
+                return Err(RunnerError::Spawn { program, source });
+            }
+        };
+        let pgid = child.id().ok_or_else(|| {
+            RunnerError::Other("the workflow exited before it was tracked".into())
+        })?;
+        let guard = GroupGuard::new(pgid);
+        tracing::debug!(pid = pgid, log = %prepared.log_path.display(), "workflow started");
+        let wait_error =
+            |e: std::io::Error| RunnerError::Other(format!("waiting for the workflow: {e}"));
+        let timeout = self.settings.timeout;
+        let finished = tokio::select! {
+            status = child.wait() => Ok(status.map_err(wait_error)?),
+            () = cancel.cancelled() => Err(ExitKind::Cancelled),
+            () = tokio::time::sleep(timeout) => Err(ExitKind::TimedOut(timeout)),
+        };
+        let (status, stopped) = match finished {
+            Ok(status) => (status, None),
+            Err(kind) => {
+                process::signal_group(pgid, Signal::SIGTERM);
+                let status = tokio::select! {
+                    status = child.wait() => status.map_err(wait_error)?,
+                    () = tokio::time::sleep(self.settings.kill_grace) => {
+                        process::signal_group(pgid, Signal::SIGKILL);
+                        child.wait().await.map_err(wait_error)?
+                    }
+                };
+                (status, Some(kind))
+            }
+        };
+        // Whatever the workflow left running in its group goes with it.
+        process::signal_group(pgid, Signal::SIGKILL);
+        guard.disarm();
+        let exit = stopped.unwrap_or_else(|| match (status.code(), status.signal()) {
+            (Some(code), _) => ExitKind::Code(code),
+            (None, Some(signal)) => ExitKind::Signal(signal),
+            (None, None) => ExitKind::Code(-1),
+        });
+        let log_path = prepared.log_path.clone();
+        let issue = job.issue.clone();
+        let scanned = tokio::task::spawn_blocking(move || {
+            File::open(&log_path)
+                .and_then(|f| scan_output(f, &issue.key.repo, issue.pr_scope, SystemTime::now()))
+        })
+        .await
+        .map_err(|e| RunnerError::Other(format!("scanning the log: {e}")))?
+        .map_err(io_err(&prepared.log_path))?;
+        Ok(RunOutcome {
+            exit,
+            pr_url: scanned.pr_url,
+            log_path: Some(prepared.log_path),
+            duration: started.elapsed(),
+            retry_after: scanned
+                .retry_after
+                .filter(|_| exit == ExitKind::Code(EXIT_RETRY_LATER)),
+        })
+    }
+
+    async fn abandon(&self, run_id: &str) -> Result<(), RunnerError> {
+        let run_id = run_id.to_owned();
+        let killed = tokio::task::spawn_blocking(move || process::kill_by_run_id(&run_id))
+            .await
+            .map_err(|e| RunnerError::Other(format!("cleaning up: {e}")))?;
+        if killed > 0 {
+            tracing::warn!(
+                killed,
+                "killed processes left over from an interrupted attempt"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), RunnerError> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(io_err(path))
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> RunnerError + '_ {
+    move |source| RunnerError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}

@@ -1,0 +1,41 @@
+//! Durable memory of every issue's record.
+//!
+//! Implementations:
+//! - [`FileStore`]: an fsynced append-only journal in the state directory,
+//!   with group commit, compaction and an exclusive lock.
+//! - [`MemoryStore`] (feature `test-util`): a map, for tests.
+//! - `MockStateStore` (feature `test-util`): a mockall mock.
+
+mod file;
+#[cfg(any(test, feature = "test-util"))]
+mod memory;
+
+use async_trait::async_trait;
+
+use crate::error::StoreError;
+use crate::issue::IssueKey;
+use crate::record::IssueRecord;
+
+pub use file::FileStore;
+#[cfg(any(test, feature = "test-util"))]
+pub use memory::MemoryStore;
+
+/// Keeps issue records across restarts.
+///
+/// `put` returns only once the record is durable: if the process is killed
+/// right after, a new instance's `load` sees it.
+#[cfg_attr(any(test, feature = "test-util"), mockall::automock)]
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// Reads every record from durable storage (a fresh look, not a cache).
+    async fn load(&self) -> Result<Vec<IssueRecord>, StoreError>;
+
+    /// The record of one issue.
+    async fn get(&self, key: &IssueKey) -> Result<Option<IssueRecord>, StoreError>;
+
+    /// Stores a record durably, replacing the issue's previous one.
+    async fn put(&self, record: &IssueRecord) -> Result<(), StoreError>;
+
+    /// Every record, as this store currently holds them.
+    async fn list(&self) -> Result<Vec<IssueRecord>, StoreError>;
+}
