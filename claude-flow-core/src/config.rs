@@ -296,8 +296,16 @@ impl Config {
             key: None,
             reason: format!("cannot read the configuration file: {e}"),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let mut config = Self::parse(&text, base, env).map_err(|e| e.in_file(path))?;
+        // Workflows run in their workspace, so paths must not stay
+        // relative to the current directory.
+        let base = std::path::absolute(path.parent().unwrap_or(Path::new("."))).map_err(|e| {
+            ConfigError {
+                file: Some(path.to_owned()),
+                key: None,
+                reason: format!("cannot resolve the configuration's folder: {e}"),
+            }
+        })?;
+        let mut config = Self::parse(&text, &base, env).map_err(|e| e.in_file(path))?;
         config.file = Some(path.to_owned());
         Ok(config)
     }
@@ -369,7 +377,7 @@ impl Config {
     fn resolve_paths(&mut self, base: &Path) {
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = normalize(&base.join(&*p));
             }
         };
         if let Some(d) = &mut self.local.dir {
@@ -399,7 +407,7 @@ impl Config {
                 arg.starts_with("./") || arg.starts_with("../")
             };
             if is_path {
-                *arg = base.join(&*arg).to_string_lossy().into_owned();
+                *arg = normalize(&base.join(&*arg)).to_string_lossy().into_owned();
             }
         }
     }
@@ -471,6 +479,25 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Removes `.` and `..` components without touching the file system (the
+/// paths may not exist yet), so that shown paths read naturally.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Applies `CLAUDE_FLOW_<SECTION>__<KEY>=value` overrides. Returns which
@@ -647,7 +674,7 @@ mod tests {
         assert_eq!(c.local.dir.as_deref(), Some(Path::new("/etc/cf/issues")));
         assert_eq!(
             c.workflow.command,
-            ["/etc/cf/./wf.sh", "--flag", "/etc/cf/./data"]
+            ["/etc/cf/wf.sh", "--flag", "/etc/cf/data"]
         );
     }
 

@@ -7,6 +7,7 @@ mod error;
 mod issue;
 pub mod issue_source;
 pub mod logging;
+pub mod ops;
 mod orchestrator;
 mod record;
 pub mod runner;

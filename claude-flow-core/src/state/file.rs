@@ -128,6 +128,18 @@ impl FileStore {
         })
     }
 
+    /// The PID of the service that holds the state directory, if one is
+    /// alive. Reads the PID the holder wrote instead of probing the lock,
+    /// since a probe could make a service starting at that instant think
+    /// the directory is taken.
+    pub fn lock_holder(dir: &Path) -> Option<u32> {
+        let text = fs::read_to_string(dir.join(LOCK)).ok()?;
+        let pid: i32 = text.trim().parse().ok()?;
+        let alive =
+            pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        alive.then(|| u32::try_from(pid).ok()).flatten()
+    }
+
     /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -137,6 +149,15 @@ impl FileStore {
         // A panic while holding the lock leaves the map as it was before
         // the panicking statement, which is still a valid map.
         self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for FileStore {
+    fn drop(&mut self) {
+        // A clean exit leaves no PID behind for `lock_holder` to find.
+        if let Some(lock) = &self._lock {
+            let _ = lock.set_len(0);
+        }
     }
 }
 

@@ -1,0 +1,411 @@
+//! What each subcommand does: load the configuration, call the library,
+//! print the answer.
+
+use std::fmt;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use clap::CommandFactory;
+use claude_flow_core::config::Config;
+use claude_flow_core::{
+    Error, FileStore, IssueKey, IssueRecord, IssueStatus, StateStore, StoreError, app, logging,
+    ops, signals,
+};
+use serde_json::json;
+
+use crate::cli::{Cli, Command, ConfigCommand, IssueArg};
+
+/// A failed command: what to print, and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    message: String,
+    code: i32,
+}
+
+impl Failure {
+    /// Exit code 2: the command line is wrong.
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: 2,
+        }
+    }
+
+    /// The process exit code.
+    pub fn exit_code(&self) -> i32 {
+        self.code
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Self {
+            message: e.to_string(),
+            code: e.exit_code(),
+        }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Error::from(e).into()
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Self {
+            message: e.to_string(),
+            code: 1,
+        }
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "claude-flow",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
+    let config = Config::load(&cli.config).map_err(Error::from)?;
+    match cli.command {
+        Command::Run { once } => run_orchestrator(&config, once).await,
+        Command::Status => status(&config, cli.json).await,
+        Command::List => list(&config, cli.json).await,
+        Command::Show(arg) => show(&config, &arg, cli.json).await,
+        Command::Logs {
+            issue,
+            attempt,
+            follow,
+        } => logs(&config, &issue, attempt, follow).await,
+        Command::Retry(arg) => change(&config, &arg, Change::Retry).await,
+        Command::Cancel(arg) => change(&config, &arg, Change::Cancel).await,
+        Command::Config(ConfigCommand::Check) => {
+            // Building the parts checks what loading alone cannot, such as
+            // a local.dir that does not exist.
+            app::issue_source(&config)?;
+            app::subprocess_settings(&config)?;
+            println!("{}: configuration OK", cli.config.display());
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Show) => {
+            print_json(&config.to_redacted_json());
+            Ok(())
+        }
+        Command::Completions { .. } => Ok(()),
+    }
+}
+
+async fn run_orchestrator(config: &Config, once: bool) -> Result<(), Failure> {
+    logging::init(&config.log);
+    let (orchestrator, _store) = app::orchestrator(config)?;
+    let shutdown = signals::shutdown_token()?;
+    if once {
+        let s = orchestrator.run_once(shutdown).await?;
+        println!(
+            "settled {} issues: {} done, {} failed, {} cancelled{}",
+            s.done + s.failed + s.cancelled,
+            s.done,
+            s.failed,
+            s.cancelled,
+            if s.interrupted > 0 {
+                format!("; {} interrupted", s.interrupted)
+            } else {
+                String::new()
+            }
+        );
+    } else {
+        orchestrator.run(shutdown).await?;
+    }
+    Ok(())
+}
+
+fn read_store(config: &Config) -> Result<FileStore, Failure> {
+    Ok(FileStore::open_read_only(&config.service.state_dir)?)
+}
+
+fn issue_key(config: &Config, arg: &IssueArg) -> Result<IssueKey, Failure> {
+    let repos = app::repositories(config)?;
+    ops::parse_issue_arg(&arg.issue, &repos).map_err(Failure::usage)
+}
+
+async fn record(config: &Config, arg: &IssueArg) -> Result<IssueRecord, Failure> {
+    let key = issue_key(config, arg)?;
+    let store = read_store(config)?;
+    store.load().await?;
+    store.get(&key).await?.ok_or_else(|| Failure {
+        message: format!("{key} is not known to the state store"),
+        code: 1,
+    })
+}
+
+async fn status(config: &Config, json: bool) -> Result<(), Failure> {
+    let store = read_store(config)?;
+    let records = store.load().await?;
+    let holder = FileStore::lock_holder(&config.service.state_dir);
+    let count = |s: IssueStatus| records.iter().filter(|r| r.status == s).count();
+    let statuses = [
+        IssueStatus::Queued,
+        IssueStatus::Running,
+        IssueStatus::Retrying,
+        IssueStatus::Done,
+        IssueStatus::Failed,
+        IssueStatus::Cancelled,
+    ];
+    if json {
+        let counts: serde_json::Map<_, _> = statuses
+            .iter()
+            .map(|s| (s.as_str().to_owned(), json!(count(*s))))
+            .collect();
+        print_json(&json!({
+            "service": { "running": holder.is_some(), "pid": holder },
+            "state_dir": config.service.state_dir,
+            "issues": counts,
+        }));
+    } else {
+        match holder {
+            Some(pid) => println!("service: running (pid {pid})"),
+            None => println!("service: not running"),
+        }
+        println!("state:   {}", config.service.state_dir.display());
+        for s in statuses {
+            println!("{:<10} {}", format!("{s}:"), count(s));
+        }
+    }
+    Ok(())
+}
+
+async fn list(config: &Config, json: bool) -> Result<(), Failure> {
+    let store = read_store(config)?;
+    let records = store.load().await?;
+    if json {
+        print_json(&json!(records.iter().map(summary).collect::<Vec<_>>()));
+        return Ok(());
+    }
+    if records.is_empty() {
+        println!("no issues yet");
+        return Ok(());
+    }
+    let width = records
+        .iter()
+        .map(|r| r.key().to_string().len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "{:<width$}  {:<9}  {:>8}  {:<40}  TITLE",
+        "ISSUE", "STATUS", "ATTEMPTS", "PULL REQUEST"
+    );
+    for r in &records {
+        println!(
+            "{:<width$}  {:<9}  {:>8}  {:<40}  {}",
+            r.key().to_string(),
+            r.status.as_str(),
+            r.attempts.iter().filter(|a| a.round == r.round).count(),
+            r.pr_url.as_deref().unwrap_or("-"),
+            r.issue.title.replace(['\r', '\n'], " ")
+        );
+    }
+    Ok(())
+}
+
+fn summary(r: &IssueRecord) -> serde_json::Value {
+    json!({
+        "issue": r.key().to_string(),
+        "repo": r.key().repo.to_string(),
+        "number": r.key().number,
+        "title": r.issue.title,
+        "status": r.status.as_str(),
+        "round": r.round,
+        "attempts": r.attempts.iter().filter(|a| a.round == r.round).count(),
+        "pr_url": r.pr_url,
+        "next_retry_at": r.next_retry_at.map(rfc3339),
+        "last_error": r.last_error,
+        "updated_at": rfc3339(r.updated_at),
+    })
+}
+
+async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Failure> {
+    let r = record(config, arg).await?;
+    if json {
+        print_json(&serde_json::to_value(&r).unwrap_or_default());
+        return Ok(());
+    }
+    println!("{}  {}", r.key(), r.issue.title.replace(['\r', '\n'], " "));
+    println!("status:     {} (round {})", r.status, r.round);
+    if !r.issue.html_url.is_empty() {
+        println!("url:        {}", r.issue.html_url);
+    }
+    println!("pr:         {}", r.pr_url.as_deref().unwrap_or("-"));
+    if let Some(t) = r.next_retry_at {
+        println!("next retry: {}", rfc3339(t));
+    }
+    if let Some(e) = &r.last_error {
+        println!("last error: {e}");
+    }
+    println!("attempts:");
+    for a in &r.attempts {
+        let outcome = match &a.outcome {
+            None => "running".to_owned(),
+            Some(o) => serde_json::to_value(o)
+                .ok()
+                .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_owned))
+                .unwrap_or_default(),
+        };
+        let detail = match &a.outcome {
+            Some(claude_flow_core::AttemptOutcome::Failed { reason }) => format!(" ({reason})"),
+            _ => String::new(),
+        };
+        println!(
+            "  #{:<3} round {}  {}  {:>8}  {}{}{}",
+            a.number,
+            a.round,
+            rfc3339(a.started_at),
+            humantime::format_duration(Duration::from_secs(a.duration().as_secs())).to_string(),
+            outcome,
+            detail,
+            a.log_path
+                .as_ref()
+                .map(|p| format!("  log: {}", p.display()))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+async fn logs(
+    config: &Config,
+    arg: &IssueArg,
+    attempt: Option<u32>,
+    follow: bool,
+) -> Result<(), Failure> {
+    let r = record(config, arg).await?;
+    let chosen = match attempt {
+        Some(n) => r.attempts.iter().find(|a| a.number == n),
+        None => r.attempts.last(),
+    }
+    .ok_or_else(|| Failure {
+        message: format!(
+            "{} has no attempt{}",
+            r.key(),
+            attempt.map(|n| format!(" {n}")).unwrap_or_default()
+        ),
+        code: 1,
+    })?;
+    // A running attempt has no log path recorded yet; it is where the
+    // subprocess runner puts it.
+    let path = chosen.log_path.clone().unwrap_or_else(|| {
+        config
+            .service
+            .log_dir()
+            .join(r.key().repo.dir_name())
+            .join(format!("issue-{}", r.key().number))
+            .join(format!("attempt-{}.log", chosen.number))
+    });
+    let number = chosen.number;
+    let mut offset = copy_from(&path, 0)?;
+    if !follow {
+        return Ok(());
+    }
+    let key = r.key().clone();
+    let store = read_store(config)?;
+    loop {
+        store.load().await?;
+        let running = store
+            .get(&key)
+            .await?
+            .and_then(|r| r.attempts.into_iter().find(|a| a.number == number))
+            .is_some_and(|a| a.outcome.is_none());
+        offset = copy_from(&path, offset)?;
+        if !running {
+            // One last read: the attempt may have written more before it ended.
+            copy_from(&path, offset)?;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Copies `path` from `offset` to stdout; returns the new offset.
+fn copy_from(path: &Path, offset: u64) -> Result<u64, Failure> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && offset == 0 => return Ok(0),
+        Err(e) => {
+            return Err(Failure {
+                message: format!("{}: {e}", path.display()),
+                code: 1,
+            });
+        }
+    };
+    file.seek(SeekFrom::Start(offset))?;
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = offset;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    out.flush()?;
+    Ok(at)
+}
+
+enum Change {
+    Retry,
+    Cancel,
+}
+
+async fn change(config: &Config, arg: &IssueArg, change: Change) -> Result<(), Failure> {
+    let key = issue_key(config, arg)?;
+    let store = match FileStore::open(&config.service.state_dir) {
+        Ok(store) => store,
+        Err(StoreError::Locked { pid, .. }) => {
+            return Err(Failure {
+                message: format!(
+                    "the service is running{} and holds the state; stop it first, or use its HTTP API",
+                    pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+                ),
+                code: 75,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let record = match change {
+        Change::Retry => ops::retry(&store, &key).await?,
+        Change::Cancel => ops::cancel(&store, &key).await?,
+    };
+    println!(
+        "{}: {} (round {})",
+        record.key(),
+        record.status,
+        record.round
+    );
+    Ok(())
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    );
+}

@@ -1,0 +1,110 @@
+//! What an operator asks of the state directly, with no service involved:
+//! naming an issue, retrying it, cancelling it. The CLI and the service's
+//! HTTP API share these.
+
+use std::time::SystemTime;
+
+use crate::error::Error;
+use crate::issue::{IssueKey, RepoId};
+use crate::record::{IssueRecord, IssueStatus};
+use crate::state::StateStore;
+
+/// Parses an issue argument: `<n>` when exactly one repository is
+/// configured, else `owner/name#<n>`.
+pub fn parse_issue_arg(arg: &str, repos: &[RepoId]) -> Result<IssueKey, String> {
+    if let Ok(number) = arg.parse::<u64>() {
+        return match repos {
+            [repo] => Ok(IssueKey::new(repo.clone(), number)),
+            [] => Err("no repository is configured; name the issue as owner/name#<n>".into()),
+            _ => Err(format!(
+                "{} repositories are configured; name the issue as owner/name#{number}",
+                repos.len()
+            )),
+        };
+    }
+    arg.parse::<IssueKey>()
+        .map_err(|_| format!("{arg:?} is not an issue: expected <n> or owner/name#<n>"))
+}
+
+/// Queues a settled issue for a new round with a fresh retry budget, or a
+/// waiting one for an attempt as soon as possible.
+pub async fn retry(store: &dyn StateStore, key: &IssueKey) -> Result<IssueRecord, Error> {
+    let mut record = known(store, key).await?;
+    match record.status {
+        IssueStatus::Running => {
+            return Err(Error::Other(format!("{key} is running now")));
+        }
+        status if status.is_settled() => record.start_new_round(),
+        _ => {
+            record.status = IssueStatus::Queued;
+            record.next_retry_at = None;
+            record.updated_at = SystemTime::now();
+        }
+    }
+    store.put(&record).await?;
+    Ok(record)
+}
+
+/// Marks an issue that is not running as cancelled, so that it is not
+/// started again until it is triggered again or retried.
+pub async fn cancel(store: &dyn StateStore, key: &IssueKey) -> Result<IssueRecord, Error> {
+    let mut record = known(store, key).await?;
+    match record.status {
+        IssueStatus::Running => {
+            return Err(Error::Other(format!(
+                "{key} is running; cancel it through the running service"
+            )));
+        }
+        status if status.is_settled() => {
+            return Err(Error::Other(format!("{key} is already {status}")));
+        }
+        _ => {
+            record.status = IssueStatus::Cancelled;
+            record.next_retry_at = None;
+            record.updated_at = SystemTime::now();
+        }
+    }
+    store.put(&record).await?;
+    Ok(record)
+}
+
+async fn known(store: &dyn StateStore, key: &IssueKey) -> Result<IssueRecord, Error> {
+    store
+        .get(key)
+        .await?
+        .ok_or_else(|| Error::Other(format!("{key} is not known to the state store")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::issue::Issue;
+    use crate::state::MemoryStore;
+
+    #[test]
+    fn bare_numbers_need_exactly_one_repository() {
+        let one: Vec<RepoId> = vec!["o/r".parse().unwrap()];
+        assert_eq!(parse_issue_arg("7", &one).unwrap().to_string(), "o/r#7");
+        let two: Vec<RepoId> = vec!["o/r".parse().unwrap(), "o/s".parse().unwrap()];
+        assert!(
+            parse_issue_arg("7", &two)
+                .unwrap_err()
+                .contains("owner/name#7")
+        );
+        assert_eq!(parse_issue_arg("o/s#9", &two).unwrap().to_string(), "o/s#9");
+        assert!(parse_issue_arg("seven", &one).is_err());
+    }
+
+    #[tokio::test]
+    async fn retry_starts_a_new_round_for_a_settled_issue() {
+        let key: IssueKey = "o/r#1".parse().unwrap();
+        let mut record = IssueRecord::new(Issue::new(key.clone(), "t"));
+        record.status = IssueStatus::Failed;
+        let store = MemoryStore::with_records([record]);
+        let after = retry(&store, &key).await.unwrap();
+        assert_eq!((after.status, after.round), (IssueStatus::Queued, 2));
+        assert_eq!(store.get(&key).await.unwrap(), Some(after));
+        let missing: IssueKey = "o/r#2".parse().unwrap();
+        assert!(retry(&store, &missing).await.is_err());
+    }
+}
