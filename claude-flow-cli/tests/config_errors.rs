@@ -1,0 +1,143 @@
+//! Bad configuration: exit 78 with a message naming the key, line or file.
+
+#![allow(clippy::unwrap_used)] // a panic in a test is a failed assertion
+
+mod common;
+
+use common::Fixture;
+use predicates::str::contains;
+use serde_json::json;
+
+fn assert_78(f: &Fixture, needle: &str) {
+    f.cli()
+        .args(["config", "check"])
+        .assert()
+        .code(78)
+        .stderr(contains(needle));
+    // The same configuration stops `run` before anything happens.
+    f.cli()
+        .args(["run", "--once"])
+        .assert()
+        .code(78)
+        .stderr(contains(needle));
+    assert!(
+        !f.path("state").exists(),
+        "a bad configuration must not create state"
+    );
+}
+
+#[test]
+fn an_invalid_duration_names_the_key_and_the_value() {
+    let f = Fixture::new();
+    f.config(json!({"service": {"poll_interval": "five minutes"}}));
+    assert_78(
+        &f,
+        r#"service.poll_interval: invalid duration "five minutes""#,
+    );
+}
+
+#[test]
+fn an_unknown_key_is_refused() {
+    let f = Fixture::new();
+    f.config(json!({"service": {"pol_interval": "5m"}}));
+    assert_78(&f, "service.pol_interval: unknown key");
+}
+
+#[test]
+fn a_missing_source_is_named() {
+    let f = Fixture::new();
+    std::fs::write(f.config_path(), r#"{"workflow": {"command": ["./wf.sh"]}}"#).unwrap();
+    assert_78(&f, "source: required");
+}
+
+#[test]
+fn a_syntax_error_names_the_file_and_line() {
+    let f = Fixture::new();
+    std::fs::write(f.config_path(), "{\n  \"source\": \"local\",\n  oops\n}\n").unwrap();
+    assert_78(&f, &format!("{}: line 3", f.config_path().display()));
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let f = Fixture::new();
+    std::fs::remove_file(f.config_path()).unwrap();
+    assert_78(&f, &f.config_path().display().to_string());
+}
+
+#[test]
+fn a_bad_environment_override_names_the_variable() {
+    let f = Fixture::new();
+    f.cli()
+        .args(["config", "check"])
+        .env("CLAUDE_FLOW_SERVICE__MAX_CONCURRENT", "lots")
+        .assert()
+        .code(78)
+        .stderr(contains(
+            "service.max_concurrent (from CLAUDE_FLOW_SERVICE__MAX_CONCURRENT)",
+        ));
+}
+
+#[test]
+fn a_missing_issue_directory_is_named() {
+    let f = Fixture::new();
+    f.config(json!({"local": {"dir": "nowhere"}}));
+    assert_78(&f, "local.dir");
+}
+
+#[test]
+fn check_and_show_accept_a_good_configuration_and_hide_secrets() {
+    let f = Fixture::new();
+    f.config(json!({"github": {"token": "ghp_file_secret"}}));
+    f.cli()
+        .args(["config", "check"])
+        .assert()
+        .success()
+        .stdout(contains("configuration OK"));
+    let out = f
+        .cli()
+        .args(["config", "show"])
+        .env("CLAUDE_FLOW_GITHUB__WEBHOOK_SECRET", "hook_env_secret")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !shown.contains("ghp_file_secret") && !shown.contains("hook_env_secret"),
+        "{shown}"
+    );
+    let value: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(value["github"]["token"], "[redacted]");
+    assert_eq!(value["service"]["poll_interval"], "1h");
+    assert_eq!(
+        value["service"]["state_dir"],
+        f.path("state").to_str().unwrap()
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let f = Fixture::new();
+    f.cli().arg("frobnicate").assert().code(2);
+    f.cli()
+        .args(["show", "seven"])
+        .assert()
+        .code(2)
+        .stderr(contains("owner/name#"));
+    f.cli()
+        .args(["show", "7"])
+        .assert()
+        .code(1)
+        .stderr(contains("not known"));
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    let f = Fixture::new();
+    for shell in ["bash", "zsh", "fish"] {
+        f.cli()
+            .args(["completions", shell])
+            .assert()
+            .success()
+            .stdout(contains("claude-flow"));
+    }
+}
