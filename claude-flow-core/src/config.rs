@@ -298,12 +298,14 @@ impl Config {
         })?;
         // Workflows run in their workspace, so paths must not stay
         // relative to the current directory.
-        let base = std::path::absolute(path.parent().unwrap_or(Path::new("."))).map_err(|e| {
-            ConfigError {
-                file: Some(path.to_owned()),
-                key: None,
-                reason: format!("cannot resolve the configuration's folder: {e}"),
-            }
+        let folder = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::path::absolute(folder).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
+            key: None,
+            reason: format!("cannot resolve the configuration's folder: {e}"),
         })?;
         let mut config = Self::parse(&text, &base, env).map_err(|e| e.in_file(path))?;
         config.file = Some(path.to_owned());

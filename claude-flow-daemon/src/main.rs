@@ -22,8 +22,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))

@@ -125,9 +125,12 @@ impl SubprocessRunner {
             .split_first()
             .ok_or_else(|| RunnerError::Other("workflow.command is empty".into()))?;
         let issue = &job.issue;
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(args)
-            .current_dir(&p.workspace)
+        let resolved = process::resolve_program(program).map_err(|source| RunnerError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        let mut cmd = process::command(&resolved, args);
+        cmd.current_dir(&p.workspace)
             .stdin(Stdio::null())
             .stdout(p.log.try_clone().map_err(io_err(&p.log_path))?)
             .stderr(p.log.try_clone().map_err(io_err(&p.log_path))?);
@@ -155,7 +158,6 @@ impl SubprocessRunner {
             .env("CLAUDE_FLOW_WORKSPACE", &p.workspace)
             .env("CLAUDE_FLOW_RUN_ID", &job.run_id)
             .kill_on_drop(false);
-        process::configure(&mut cmd);
         Ok(cmd)
     }
 }
@@ -184,16 +186,19 @@ impl WorkflowRunner for SubprocessRunner {
     ) -> Result<RunOutcome, RunnerError> {
         let started = Instant::now();
         let prepared = self.prepare(job)?;
-        let mut child = match self.command(job, &prepared)?.spawn() {
+        let spawned = self.command(job, &prepared).and_then(|mut cmd| {
+            cmd.spawn().map_err(|source| RunnerError::Spawn {
+                program: self.settings.command.first().cloned().unwrap_or_default(),
+                source,
+            })
+        });
+        let mut child = match spawned {
             Ok(child) => child,
-            Err(source) => {
-                let program = self.settings.command.first().cloned().unwrap_or_default();
+            Err(e) => {
+                // The log is where an operator looks first.
                 let mut log = &prepared.log;
-                let _ = writeln!(
-                    log,
-                    "claude-flow: cannot start workflow {program:?}: {source}"
-                );
-                return Err(RunnerError::Spawn { program, source });
+                let _ = writeln!(log, "claude-flow: {e}");
+                return Err(e);
             }
         };
         let pgid = child.id().ok_or_else(|| {
