@@ -10,6 +10,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
+        // Blocking work is short file I/O; a few threads (each with its own
+        // allocator arena) are plenty.
+        .max_blocking_threads(4)
         .enable_all()
         .build()
     {

@@ -23,6 +23,9 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = tokio::runtime::Builder::new_current_thread()
+        // Blocking work is short file I/O; a few threads (each with its own
+        // allocator arena) are plenty.
+        .max_blocking_threads(4)
         .enable_all()
         .build()
         .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))

@@ -40,14 +40,22 @@ const WINDOW: usize = 1 << 20;
 /// Scans `reader` (a workflow's output) for the last pull request URL of
 /// `repo` (any repository under [`PrScope::AnyRepository`]) and the last
 /// `claude-flow: retry-after` line, relative to `now`.
+///
+/// `size_hint` (the log's length, when known) keeps the buffer small for
+/// small logs: a 1 MiB buffer per attempt would sit in every allocator
+/// arena of the service.
 pub fn scan_output(
     mut reader: impl Read,
+    size_hint: Option<u64>,
     repo: &RepoId,
     scope: PrScope,
     now: SystemTime,
 ) -> std::io::Result<WorkflowOutput> {
     let mut found = WorkflowOutput::default();
-    let mut buf = vec![0u8; WINDOW + OVERLAP];
+    let window = size_hint.map_or(WINDOW, |len| {
+        usize::try_from(len).map_or(WINDOW, |len| len.clamp(1, WINDOW))
+    });
+    let mut buf = vec![0u8; window + OVERLAP];
     let mut filled = 0usize;
     // Bytes of `buf` already searched as the tail of the previous window;
     // a match must end past this to be new.
@@ -135,7 +143,7 @@ mod tests {
     }
 
     fn scan(text: &[u8], scope: PrScope) -> WorkflowOutput {
-        scan_output(text, &repo(), scope, SystemTime::UNIX_EPOCH).unwrap()
+        scan_output(text, None, &repo(), scope, SystemTime::UNIX_EPOCH).unwrap()
     }
 
     #[test]
@@ -186,6 +194,27 @@ mod tests {
                 scan(&out, PrScope::SameRepository).pr_url.as_deref(),
                 Some("https://github.com/octo/app/pull/4242"),
                 "pad {pad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_wrong_size_hint_changes_nothing_but_the_buffer() {
+        let mut out = vec![b'x'; 10_000];
+        out.extend_from_slice(b"\nhttps://github.com/octo/app/pull/9\n");
+        for hint in [Some(1), Some(100), Some(10_037), None] {
+            let found = scan_output(
+                &out[..],
+                hint,
+                &repo(),
+                PrScope::SameRepository,
+                SystemTime::UNIX_EPOCH,
+            )
+            .unwrap();
+            assert_eq!(
+                found.pr_url.as_deref(),
+                Some("https://github.com/octo/app/pull/9"),
+                "hint {hint:?}"
             );
         }
     }

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use nix::sys::signal::Signal;
 use tokio_util::sync::CancellationToken;
 
-use super::output::scan_output;
+use super::output::{WorkflowOutput, scan_output};
 use super::process::{self, GroupGuard};
 use super::{ExitKind, RunOutcome, WorkflowJob, WorkflowRunner};
 use crate::error::RunnerError;
@@ -162,6 +162,40 @@ impl SubprocessRunner {
     }
 }
 
+/// Logs up to this size are scanned on the async thread; reading them
+/// takes microseconds, less than handing them to a blocking thread.
+const SCAN_INLINE_MAX: u64 = 256 * 1024;
+
+/// Finds the PR URL and retry-after line in an attempt's log.
+async fn scan_log(path: &Path, issue: &Issue) -> Result<WorkflowOutput, RunnerError> {
+    let len = fs::metadata(path).map_err(io_err(path))?.len();
+    if len == 0 {
+        return Ok(WorkflowOutput::default());
+    }
+    let scan = {
+        let (path, issue) = (path.to_owned(), issue.clone());
+        move || {
+            File::open(&path).and_then(|f| {
+                scan_output(
+                    f,
+                    Some(len),
+                    &issue.key.repo,
+                    issue.pr_scope,
+                    SystemTime::now(),
+                )
+            })
+        }
+    };
+    let scanned = if len <= SCAN_INLINE_MAX {
+        scan()
+    } else {
+        tokio::task::spawn_blocking(scan)
+            .await
+            .map_err(|e| RunnerError::Other(format!("scanning the log: {e}")))?
+    };
+    scanned.map_err(io_err(path))
+}
+
 /// `<log_dir>/<owner>__<repo>/issue-<n>`.
 pub(crate) fn log_dir_for(log_dir: &Path, issue: &Issue) -> PathBuf {
     log_dir
@@ -236,15 +270,7 @@ impl WorkflowRunner for SubprocessRunner {
             (None, Some(signal)) => ExitKind::Signal(signal),
             (None, None) => ExitKind::Code(-1),
         });
-        let log_path = prepared.log_path.clone();
-        let issue = job.issue.clone();
-        let scanned = tokio::task::spawn_blocking(move || {
-            File::open(&log_path)
-                .and_then(|f| scan_output(f, &issue.key.repo, issue.pr_scope, SystemTime::now()))
-        })
-        .await
-        .map_err(|e| RunnerError::Other(format!("scanning the log: {e}")))?
-        .map_err(io_err(&prepared.log_path))?;
+        let scanned = scan_log(&prepared.log_path, &job.issue).await?;
         Ok(RunOutcome {
             exit,
             pr_url: scanned.pr_url,
