@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::config::{Config, SourceKind};
 use crate::error::Error;
 use crate::issue::RepoId;
-use crate::issue_source::{IssueSource, LocalSource};
+use crate::issue_source::{GithubSource, IssueSource, LocalSource};
 use crate::orchestrator::{Orchestrator, Settings};
 use crate::runner::{SubprocessRunner, SubprocessSettings};
 use crate::state::FileStore;
@@ -45,9 +45,7 @@ pub fn issue_source(config: &Config) -> Result<Arc<dyn IssueSource>, Error> {
             }
             Ok(Arc::new(LocalSource::new(dir)?))
         }
-        SourceKind::Github => Err(Error::Other(
-            "source \"github\" is not available in this build yet; use \"local\"".into(),
-        )),
+        SourceKind::Github => Ok(Arc::new(GithubSource::from_config(config)?)),
     }
 }
 

@@ -18,7 +18,10 @@ pub mod state;
 pub use config::Config;
 pub use error::{ConfigError, Error, RunnerError, SourceError, StoreError};
 pub use issue::{InvalidRepoId, Issue, IssueKey, PrScope, RepoId};
-pub use issue_source::{FailureReport, IssueSource, LocalSource, StartReport, SuccessReport};
+pub use issue_source::{
+    FailureReport, GithubSettings, GithubSource, IssueSource, LocalSource, StartReport,
+    SuccessReport,
+};
 pub use orchestrator::{Orchestrator, OrchestratorBuilder, Settings, Summary};
 pub use record::{Attempt, AttemptOutcome, IssueRecord, IssueStatus, Reports};
 pub use runner::{ExitKind, FnRunner, RunOutcome, SubprocessRunner, WorkflowJob, WorkflowRunner};

@@ -1,10 +1,13 @@
 //! Where issues come from and where progress is reported back.
 //!
 //! Implementations:
+//! - [`GithubSource`]: open issues of GitHub repositories carrying the
+//!   trigger label, applied by someone trusted (CONTRACT section 5).
 //! - [`LocalSource`]: Markdown files in a directory (CONTRACT section 7).
 //! - [`MemorySource`] (feature `test-util`): an in-process list for tests.
 //! - `MockIssueSource` (feature `test-util`): a mockall mock.
 
+mod github;
 mod local;
 #[cfg(any(test, feature = "test-util"))]
 mod memory;
@@ -15,6 +18,7 @@ use crate::error::SourceError;
 use crate::issue::Issue;
 use crate::record::Reports;
 
+pub use github::{API_VERSION as GITHUB_API_VERSION, GithubSettings, GithubSource};
 pub use local::LocalSource;
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::{MemorySource, Reported};

@@ -1,0 +1,476 @@
+//! The GitHub source (CONTRACT sections 3 and 5): open issues carrying the
+//! trigger label, applied by someone trusted; progress reported with labels
+//! and one status comment per round.
+//!
+//! - `client`: the REST client (auth, ETags, pagination, rate limits,
+//!   retries).
+//! - `wire`: GitHub's JSON. Invariant: it never leaves this module; issues
+//!   and permissions are converted to core types here.
+//! - `trust`: who applied the trigger label and whether that counts.
+//! - `report`: the status comment's text.
+//! - `rate_limit`: reading GitHub's limits and deciding how long to wait.
+//!
+//! Cost of a poll: one conditional request per page of labeled open issues
+//! per repository, which is a free 304 when nothing changed. An issue's
+//! timeline (and, at most once per [`GithubSettings::permission_ttl`], the
+//! labeler's permission) is read only when the issue has changed since it
+//! was last examined.
+
+mod client;
+mod rate_limit;
+mod report;
+mod trust;
+mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use reqwest::{Method, Url};
+use serde_json::json;
+
+use crate::config::{Config, GithubConfig, Permission};
+use crate::error::{ConfigError, SourceError};
+use crate::issue::{Issue, IssueKey, PrScope, RepoId};
+use crate::issue_source::{FailureReport, IssueSource, StartReport, SuccessReport};
+use crate::record::Reports;
+use crate::secret::Secret;
+
+pub use client::{API_VERSION, GithubSettings};
+
+/// `Reports::memo` keys. The memo is persisted with the issue's record,
+/// so that a report repeated after a crash does not act twice.
+const MEMO_LABELS_STARTED: &str = "github.labels_started";
+const MEMO_COMMENT_ID: &str = "github.comment_id";
+const MEMO_OUTCOME: &str = "github.outcome";
+
+/// Issues of GitHub repositories.
+#[derive(Debug)]
+pub struct GithubSource {
+    client: client::Client,
+    config: GithubConfig,
+    token: Secret,
+    /// The login the token belongs to; `Some("")` when the token cannot
+    /// say (GitHub App installation tokens).
+    own_login: tokio::sync::OnceCell<String>,
+    /// Per issue: the decision made when it was last examined.
+    verdicts: Mutex<HashMap<IssueKey, Verdict>>,
+    /// Per repository and login: the permission, and when it was read.
+    permissions: Mutex<HashMap<(RepoId, String), (Permission, Instant)>>,
+}
+
+#[derive(Debug, Clone)]
+struct Verdict {
+    /// The issue's `updated_at` when examined: any change (a new label, a
+    /// comment) moves it, and only then is the issue examined again.
+    updated_at: String,
+    /// `Some(trigger)` when trusted.
+    trigger: Option<String>,
+}
+
+impl GithubSource {
+    /// The source `config` describes, with the token from `github.token`,
+    /// `github.token_file` or `GITHUB_TOKEN`, and default pacing.
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        let token = config.github_token()?.ok_or_else(|| {
+            ConfigError::key(
+                "github.token",
+                "required for source \"github\": set github.token, github.token_file or GITHUB_TOKEN",
+            )
+        })?;
+        Self::new(&config.github, token, GithubSettings::default())
+    }
+
+    /// A source for `config` authenticating with `token`.
+    pub fn new(
+        config: &GithubConfig,
+        token: Secret,
+        settings: GithubSettings,
+    ) -> Result<Self, ConfigError> {
+        if config.repos.is_empty() {
+            return Err(ConfigError::key(
+                "github.repos",
+                "required when source is \"github\" (a list of \"owner/name\")",
+            ));
+        }
+        let client = client::Client::new(&config.api_url, &token, settings)
+            .map_err(|reason| ConfigError::key("github.api_url", reason))?;
+        Ok(Self {
+            client,
+            config: config.clone(),
+            token,
+            own_login: tokio::sync::OnceCell::new(),
+            verdicts: Mutex::new(HashMap::new()),
+            permissions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn repo_url(&self, repo: &RepoId, rest: &[&str]) -> Url {
+        let mut segments = vec!["repos", repo.owner(), repo.name()];
+        segments.extend_from_slice(rest);
+        self.client.url(&segments)
+    }
+
+    fn issue_url(&self, key: &IssueKey, rest: &[&str]) -> Url {
+        let number = key.number.to_string();
+        let mut segments = vec!["issues", number.as_str()];
+        segments.extend_from_slice(rest);
+        self.repo_url(&key.repo, &segments)
+    }
+
+    /// The service's own login, asked once.
+    async fn own_login(&self) -> Result<&str, SourceError> {
+        let login = self
+            .own_login
+            .get_or_try_init(|| async {
+                match self.client.get::<wire::Me>(self.client.url(&["user"])).await {
+                    Ok(me) => Ok(me.login),
+                    // Installation tokens may not read /user; they act as a
+                    // bot account, which is never trusted unless listed.
+                    Err(SourceError::Rejected {
+                        status: Some(403), ..
+                    }) => {
+                        tracing::info!("the GitHub token cannot read GET /user; assuming an app installation token");
+                        Ok(String::new())
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        Ok(login)
+    }
+
+    /// The trigger of a listed issue when its labeler is trusted.
+    async fn trusted_trigger(
+        &self,
+        key: &IssueKey,
+        issue: &wire::Issue,
+        own_login: &str,
+    ) -> Result<Option<String>, SourceError> {
+        if let Some(v) = lock(&self.verdicts).get(key)
+            && !issue.updated_at.is_empty()
+            && v.updated_at == issue.updated_at
+        {
+            return Ok(v.trigger.clone());
+        }
+        let url = self.issue_url(key, &["timeline"]);
+        let url = with_query(url, &[("per_page", "100")]);
+        let events: Vec<wire::TimelineEvent> = match self.client.get_all(url, false).await {
+            Ok(events) => events,
+            // Deleted or transferred since it was listed.
+            Err(SourceError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let label = &self.config.trigger_label;
+        let decision = match trust::latest_labeling(&events, label) {
+            None => Err(format!("no labeled event for {label:?} in its timeline")),
+            Some(labeling) => {
+                let required = self.config.trusted_permission;
+                match trust::decide_without_permission(
+                    &labeling,
+                    &self.config.allowed_users,
+                    own_login,
+                    required,
+                ) {
+                    Some(decision) => decision.map(|()| labeling.trigger()),
+                    None => {
+                        let actor = labeling.actor.clone().unwrap_or_default();
+                        let has = self.permission(&key.repo, &actor).await?;
+                        if has >= required {
+                            Ok(labeling.trigger())
+                        } else {
+                            Err(format!(
+                                "the label was applied by {actor}, whose permission is {} ({} required)",
+                                permission_name(has),
+                                permission_name(required)
+                            ))
+                        }
+                    }
+                }
+            }
+        };
+        let trigger = match decision {
+            Ok(trigger) => Some(trigger),
+            Err(reason) => {
+                tracing::info!(issue = %key, %reason, "untrusted trigger: ignored until the issue changes");
+                None
+            }
+        };
+        lock(&self.verdicts).insert(
+            key.clone(),
+            Verdict {
+                updated_at: issue.updated_at.clone(),
+                trigger: trigger.clone(),
+            },
+        );
+        Ok(trigger)
+    }
+
+    async fn permission(&self, repo: &RepoId, login: &str) -> Result<Permission, SourceError> {
+        let cache_key = (repo.clone(), login.to_ascii_lowercase());
+        let ttl = self.client.settings().permission_ttl;
+        if let Some((p, at)) = lock(&self.permissions).get(&cache_key)
+            && at.elapsed() < ttl
+        {
+            return Ok(*p);
+        }
+        let url = self.repo_url(repo, &["collaborators", login, "permission"]);
+        let level = match self.client.get::<wire::PermissionAnswer>(url).await {
+            Ok(answer) => answer.level(),
+            // Not a collaborator (or no such user any more).
+            Err(SourceError::NotFound { .. }) => Permission::None,
+            Err(e) => return Err(e),
+        };
+        lock(&self.permissions).insert(cache_key, (level, Instant::now()));
+        Ok(level)
+    }
+
+    fn to_core(repo: &RepoId, issue: wire::Issue, trigger: String) -> Issue {
+        Issue {
+            key: IssueKey::new(repo.clone(), issue.number),
+            title: issue.title,
+            body: issue.body.unwrap_or_default(),
+            labels: issue.labels.into_iter().map(|l| l.name).collect(),
+            html_url: issue.html_url,
+            author: issue.user.map(|u| u.login),
+            trigger,
+            pr_scope: PrScope::SameRepository,
+        }
+    }
+
+    async fn add_label(&self, issue: &Issue, label: &str) -> Result<(), SourceError> {
+        let url = self.issue_url(&issue.key, &["labels"]);
+        let body = json!({ "labels": [label] });
+        self.client
+            .send::<serde::de::IgnoredAny>(Method::POST, url, Some(&body), true)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a label; one that is already gone is no error.
+    async fn remove_label(&self, issue: &Issue, label: &str) -> Result<(), SourceError> {
+        let url = self.issue_url(&issue.key, &["labels", label]);
+        match self
+            .client
+            .send::<serde::de::IgnoredAny>(Method::DELETE, url, None, true)
+            .await
+        {
+            Ok(_) | Err(SourceError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes the round's status comment: edits it when it exists, else
+    /// posts it and remembers its id.
+    async fn write_comment(
+        &self,
+        issue: &Issue,
+        reports: &mut Reports,
+        body: String,
+    ) -> Result<(), SourceError> {
+        let payload = json!({ "body": body });
+        let known = match reports
+            .memo
+            .get(MEMO_COMMENT_ID)
+            .and_then(|id| id.parse().ok())
+        {
+            Some(id) => Some(id),
+            None => self.find_status_comment(issue).await?,
+        };
+        if let Some(id) = known {
+            let url = self.repo_url(&issue.key.repo, &["issues", "comments", &id.to_string()]);
+            match self
+                .client
+                .send::<serde::de::IgnoredAny>(Method::PATCH, url, Some(&payload), true)
+                .await
+            {
+                Ok(_) => {
+                    reports.memo.insert(MEMO_COMMENT_ID.into(), id.to_string());
+                    return Ok(());
+                }
+                // Someone deleted it: post a new one.
+                Err(SourceError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let url = self.issue_url(&issue.key, &["comments"]);
+        let comment: wire::Comment = self
+            .client
+            .send(Method::POST, url, Some(&payload), false)
+            .await?;
+        reports
+            .memo
+            .insert(MEMO_COMMENT_ID.into(), comment.id.to_string());
+        Ok(())
+    }
+
+    /// This round's status comment, when a crash lost its id: the one by
+    /// the service's own account that starts with the round's marker.
+    async fn find_status_comment(&self, issue: &Issue) -> Result<Option<u64>, SourceError> {
+        let own = self.own_login().await?.to_owned();
+        let mut url = self.issue_url(&issue.key, &["comments"]);
+        let mut query = vec![("per_page", "100")];
+        // Comments older than the trigger cannot belong to this round.
+        if let Some((_, since)) = issue.trigger.split_once('@') {
+            query.push(("since", since));
+        }
+        url = with_query(url, &query);
+        let comments: Vec<wire::Comment> = self.client.get_all(url, false).await?;
+        let marker = report::marker(&issue.trigger);
+        Ok(comments
+            .into_iter()
+            .filter(|c| {
+                c.user
+                    .as_ref()
+                    .is_some_and(|u| !own.is_empty() && u.login.eq_ignore_ascii_case(&own))
+            })
+            .find(|c| c.body.as_deref().is_some_and(|b| b.starts_with(&marker)))
+            .map(|c| c.id))
+    }
+}
+
+#[async_trait]
+impl IssueSource for GithubSource {
+    async fn poll(&self) -> Result<Vec<Issue>, SourceError> {
+        let own_login = self.own_login().await?.to_owned();
+        let mut ready = Vec::new();
+        for repo in &self.config.repos {
+            let url = with_query(
+                self.repo_url(repo, &["issues"]),
+                &[
+                    ("state", "open"),
+                    ("labels", &self.config.trigger_label),
+                    // Oldest first, so that the oldest request is served first.
+                    ("sort", "created"),
+                    ("direction", "asc"),
+                    ("per_page", "100"),
+                ],
+            );
+            let listed: Vec<wire::Issue> = self.client.get_all(url, true).await?;
+            let mut seen = HashSet::new();
+            for issue in listed {
+                let key = IssueKey::new(repo.clone(), issue.number);
+                if issue.pull_request.is_some() {
+                    tracing::debug!(issue = %key, "a pull request with the trigger label: ignored");
+                    continue;
+                }
+                if issue.state != "open" || !issue.has_label(&self.config.trigger_label) {
+                    continue;
+                }
+                seen.insert(key.clone());
+                if let Some(trigger) = self.trusted_trigger(&key, &issue, &own_login).await? {
+                    ready.push(Self::to_core(repo, issue, trigger));
+                }
+            }
+            lock(&self.verdicts).retain(|k, _| &k.repo != repo || seen.contains(k));
+        }
+        Ok(ready)
+    }
+
+    async fn is_wanted(&self, issue: &Issue) -> Result<bool, SourceError> {
+        let url = self.issue_url(&issue.key, &[]);
+        let current: wire::Issue = match self.client.get_conditional(url).await {
+            Ok(current) => current,
+            Err(SourceError::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let wanted = current.state == "open" && current.has_label(&self.config.trigger_label);
+        if !wanted && current.has_label(&self.config.labels.in_progress) {
+            // The orchestrator has no report for a cancelled round, and a
+            // stale "in progress" label would mislead whoever looks.
+            if let Err(e) = self
+                .remove_label(issue, &self.config.labels.in_progress)
+                .await
+            {
+                tracing::warn!(issue = %issue.key, error = %e, "cannot remove the in-progress label");
+            }
+        }
+        Ok(wanted)
+    }
+
+    async fn report_started(
+        &self,
+        issue: &Issue,
+        start: StartReport,
+        reports: &mut Reports,
+    ) -> Result<(), SourceError> {
+        let labels = &self.config.labels;
+        if !reports.memo.contains_key(MEMO_LABELS_STARTED) {
+            self.add_label(issue, &labels.in_progress).await?;
+            // The outcome labels of an earlier round no longer apply.
+            for stale in [&labels.done, &labels.failed] {
+                if issue.labels.iter().any(|l| l.eq_ignore_ascii_case(stale)) {
+                    self.remove_label(issue, stale).await?;
+                }
+            }
+            reports.memo.insert(MEMO_LABELS_STARTED.into(), "1".into());
+        }
+        if self.config.comment {
+            self.write_comment(issue, reports, report::started(&issue.trigger, &start))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn report_succeeded(
+        &self,
+        issue: &Issue,
+        success: &SuccessReport,
+        reports: &mut Reports,
+    ) -> Result<(), SourceError> {
+        if reports.memo.get(MEMO_OUTCOME).map(String::as_str) == Some("succeeded") {
+            return Ok(());
+        }
+        let labels = &self.config.labels;
+        self.add_label(issue, &labels.done).await?;
+        self.remove_label(issue, &labels.in_progress).await?;
+        self.remove_label(issue, &self.config.trigger_label).await?;
+        if self.config.comment {
+            self.write_comment(issue, reports, report::succeeded(&issue.trigger, success))
+                .await?;
+        }
+        reports.memo.insert(MEMO_OUTCOME.into(), "succeeded".into());
+        Ok(())
+    }
+
+    async fn report_failed(
+        &self,
+        issue: &Issue,
+        failure: &FailureReport,
+        reports: &mut Reports,
+    ) -> Result<(), SourceError> {
+        if reports.memo.get(MEMO_OUTCOME).map(String::as_str) == Some("failed") {
+            return Ok(());
+        }
+        let labels = &self.config.labels;
+        self.add_label(issue, &labels.failed).await?;
+        self.remove_label(issue, &labels.in_progress).await?;
+        if self.config.comment {
+            let body = report::failed(&issue.trigger, failure, &self.token);
+            self.write_comment(issue, reports, body).await?;
+        }
+        reports.memo.insert(MEMO_OUTCOME.into(), "failed".into());
+        Ok(())
+    }
+}
+
+fn with_query(mut url: Url, pairs: &[(&str, &str)]) -> Url {
+    url.query_pairs_mut().extend_pairs(pairs);
+    url
+}
+
+fn permission_name(p: Permission) -> &'static str {
+    match p {
+        Permission::None => "none",
+        Permission::Read => "read",
+        Permission::Triage => "triage",
+        Permission::Write => "write",
+        Permission::Maintain => "maintain",
+        Permission::Admin => "admin",
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,151 @@
+//! The status comment's text.
+//!
+//! One comment per round, edited in place. Its first line is a hidden
+//! marker naming the round's trigger, so that the comment can be found
+//! again after a crash that lost its id.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use crate::issue_source::{FailureReport, StartReport, SuccessReport};
+use crate::secret::{REDACTED, Secret};
+
+/// GitHub refuses comments over 65,536 characters; the log tail is cut
+/// well below that.
+const MAX_TAIL_CHARS: usize = 20_000;
+
+/// The hidden first line of a status comment.
+pub(crate) fn marker(trigger: &str) -> String {
+    format!("<!-- claude-flow:status trigger={trigger} -->")
+}
+
+pub(crate) fn started(trigger: &str, start: &StartReport) -> String {
+    let n = start.failures + 1;
+    let mut text = format!(
+        "{}\n**claude-flow** is working on this issue (attempt {n} of {}).",
+        marker(trigger),
+        start.max_attempts
+    );
+    if start.failures > 0 {
+        let s = if start.failures == 1 { "" } else { "s" };
+        text.push_str(&format!(
+            " {} earlier attempt{s} failed; trying again.",
+            start.failures
+        ));
+    }
+    text
+}
+
+pub(crate) fn succeeded(trigger: &str, success: &SuccessReport) -> String {
+    match &success.pr_url {
+        Some(url) => format!(
+            "{}\n**claude-flow** finished: pull request {url}",
+            marker(trigger)
+        ),
+        None => format!(
+            "{}\n**claude-flow** finished without opening a pull request.",
+            marker(trigger)
+        ),
+    }
+}
+
+pub(crate) fn failed(trigger: &str, failure: &FailureReport, token: &Secret) -> String {
+    let s = if failure.attempts == 1 { "" } else { "s" };
+    let reason = redact(&failure.reason, token);
+    let mut text = format!(
+        "{}\n**claude-flow** failed after {} attempt{s}: {}",
+        marker(trigger),
+        failure.attempts,
+        reason.trim()
+    );
+    let tail = redact(&failure.log_tail, token);
+    let tail = tail.trim_end();
+    if !tail.is_empty() {
+        let tail = last_chars(tail, MAX_TAIL_CHARS);
+        let fence = fence_for(tail);
+        text.push_str(&format!(
+            "\n\n<details><summary>Last lines of the log</summary>\n\n{fence}text\n{tail}\n{fence}\n</details>"
+        ));
+    }
+    text.push_str("\n\nRemove the trigger label and apply it again to start a new round.");
+    text
+}
+
+/// The token, and anything else shaped like a GitHub token (a workflow
+/// may print one it got elsewhere).
+pub(crate) fn redact(text: &str, token: &Secret) -> String {
+    static TOKENS: LazyLock<Option<Regex>> = LazyLock::new(|| {
+        Regex::new(r"\b(gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})\b").ok()
+    });
+    let text = token.redact(text);
+    match TOKENS.as_ref() {
+        Some(re) => re.replace_all(&text, REDACTED).into_owned(),
+        None => text,
+    }
+}
+
+/// A code fence longer than any run of backticks in `text`, so that the
+/// log cannot end the block early and inject Markdown.
+fn fence_for(text: &str) -> String {
+    let mut longest = 0;
+    let mut run = 0;
+    for c in text.chars() {
+        run = if c == '`' { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    "`".repeat(longest.max(2) + 1)
+}
+
+fn last_chars(text: &str, max: usize) -> &str {
+    let count = text.chars().count();
+    if count <= max {
+        return text;
+    }
+    let skip = count - max;
+    let start = text.char_indices().nth(skip).map_or(0, |(i, _)| i);
+    &text[start..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_comments_redact_tokens_and_fence_the_log() {
+        let token = Secret::new("s3cr3t-token-value");
+        let failure = FailureReport {
+            reason: "exit code 1".into(),
+            log_tail:
+                "using s3cr3t-token-value\nfound ghp_abcdefghijklmnopqrstuvwxyz0123\n````\nend"
+                    .into(),
+            attempts: 3,
+        };
+        let text = failed("labeled:1", &failure, &token);
+        assert!(text.starts_with("<!-- claude-flow:status trigger=labeled:1 -->\n"));
+        assert!(text.contains("failed after 3 attempts: exit code 1"));
+        assert!(!text.contains("s3cr3t"));
+        assert!(!text.contains("ghp_abc"));
+        assert!(text.contains("using [redacted]"));
+        assert!(text.contains("`````text\n"));
+    }
+
+    #[test]
+    fn start_comments_count_attempts_within_the_round() {
+        let start = StartReport {
+            attempt: 7,
+            failures: 1,
+            max_attempts: 3,
+        };
+        let text = started("labeled:9", &start);
+        assert!(text.contains("attempt 2 of 3"), "{text}");
+        assert!(text.contains("1 earlier attempt failed"), "{text}");
+    }
+
+    #[test]
+    fn long_tails_keep_their_end() {
+        let long = "x".repeat(30_000) + "THE END";
+        let cut = last_chars(&long, 100);
+        assert!(cut.ends_with("THE END") && cut.chars().count() == 100);
+    }
+}
