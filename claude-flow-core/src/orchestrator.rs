@@ -631,9 +631,6 @@ async fn attempt_task(
     cancel: CancellationToken,
     reason: Arc<OnceLock<StopReason>>,
 ) -> Result<IssueRecord, Error> {
-    // Durable before the workflow starts: a crash from here on is seen as
-    // an interrupted attempt, never as a lost one.
-    shared.store.put(&record).await?;
     let Some(attempt) = record.attempts.last().cloned() else {
         return Err(Error::Other("attempt task without an attempt".into()));
     };
@@ -653,6 +650,11 @@ async fn attempt_task(
             Err(e) => tracing::warn!(error = %e, "cannot report the start to the source"),
         }
     }
+    // Durable before the workflow starts (a crash from here on is seen as
+    // an interrupted attempt, never as a lost one), and after the start
+    // report, so that what the source noted in `reports.memo` (such as its
+    // status comment's id) survives a crash during the attempt.
+    shared.store.put(&record).await?;
     tracing::info!("workflow starting");
     let job = WorkflowJob {
         issue: record.issue.clone(),
