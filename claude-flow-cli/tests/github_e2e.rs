@@ -1,0 +1,216 @@
+//! `claude-flow run --once` against a fake GitHub (wiremock, fed with the
+//! project's recorded-shape fixtures) and a real workflow script: from a
+//! labeled issue to the done label and a status comment with the PR.
+
+#![allow(clippy::unwrap_used)] // a panic in a test is a failed assertion
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::Fixture;
+use serde_json::{Value, json};
+use wiremock::matchers::{any, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const TOKEN: &str = "ghp_EndToEndTokenThatMustNeverLeak000000";
+const REPO: &str = "/repos/acme/widgets";
+
+fn fixture(name: &str) -> Value {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../claude-flow-core/tests/fixtures/github")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap()
+}
+
+async fn answer(server: &MockServer, verb: &str, at: &str, status: u16, body: Value) {
+    Mock::given(method(verb))
+        .and(path(at))
+        .respond_with(ResponseTemplate::new(status).set_body_json(body))
+        .named(format!("{verb} {at}"))
+        .mount(server)
+        .await;
+}
+
+/// A fake GitHub on which issue 7 of acme/widgets carries the trigger,
+/// applied by a maintainer with write permission.
+async fn fake_github() -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(500).set_body_string("unexpected request"))
+        .with_priority(u8::MAX)
+        .named("catch-all: a request the test did not expect")
+        .expect(0)
+        .mount(&server)
+        .await;
+    let mut issue = fixture("issue.json");
+    issue["number"] = json!(7);
+    issue["title"] = json!("Make the widget spin");
+    issue["html_url"] = json!("https://github.com/acme/widgets/issues/7");
+    // Keep the label's full shape; only its name changes.
+    let mut label = issue["labels"][0].clone();
+    label["name"] = json!("claude-flow");
+    issue["labels"] = json!([label]);
+    let mut timeline = fixture("timeline.json");
+    let last = timeline.as_array_mut().unwrap().last_mut().unwrap();
+    last["actor"]["login"] = json!("alice-maintainer");
+    answer(&server, "GET", "/user", 200, fixture("user.json")).await;
+    answer(
+        &server,
+        "GET",
+        &format!("{REPO}/issues"),
+        200,
+        json!([issue.clone()]),
+    )
+    .await;
+    answer(&server, "GET", &format!("{REPO}/issues/7"), 200, issue).await;
+    answer(
+        &server,
+        "GET",
+        &format!("{REPO}/issues/7/timeline"),
+        200,
+        timeline,
+    )
+    .await;
+    answer(
+        &server,
+        "GET",
+        &format!("{REPO}/collaborators/alice-maintainer/permission"),
+        200,
+        fixture("collaborator-permission.json"),
+    )
+    .await;
+    answer(
+        &server,
+        "GET",
+        &format!("{REPO}/issues/7/comments"),
+        200,
+        json!([]),
+    )
+    .await;
+    answer(
+        &server,
+        "POST",
+        &format!("{REPO}/issues/7/labels"),
+        200,
+        json!([]),
+    )
+    .await;
+    for name in ["claude-flow", "claude-flow:in-progress"] {
+        answer(
+            &server,
+            "DELETE",
+            &format!("{REPO}/issues/7/labels/{name}"),
+            200,
+            json!([]),
+        )
+        .await;
+    }
+    answer(
+        &server,
+        "POST",
+        &format!("{REPO}/issues/7/comments"),
+        201,
+        fixture("comment.json"),
+    )
+    .await;
+    answer(
+        &server,
+        "PATCH",
+        &format!("{REPO}/issues/comments/3300099"),
+        200,
+        fixture("comment.json"),
+    )
+    .await;
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_labeled_issue_ends_with_the_done_label_and_a_comment_giving_the_pr() {
+    let server = fake_github().await;
+    let f = Fixture::new();
+    f.config(json!({
+        "source": "github",
+        "github": {"api_url": server.uri(), "repos": ["acme/widgets"]},
+        "workflow": {"pass_token": false}
+    }));
+    // The own repository's PR, then another repository's, which must not count.
+    f.workflow(
+        r#"echo "working on $CLAUDE_FLOW_REPO#$CLAUDE_FLOW_ISSUE_NUMBER"
+echo "opened https://github.com/acme/widgets/pull/42"
+echo "upstream fix: https://github.com/other/library/pull/9""#,
+    );
+    let mut cli = f.cli_process(&["run", "--once"]);
+    cli.env("CLAUDE_FLOW_GITHUB__TOKEN", TOKEN);
+    let out = tokio::task::spawn_blocking(move || cli.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run --once failed: {stderr}");
+    assert!(
+        !stderr.contains(TOKEN),
+        "the token reached the service's log"
+    );
+
+    let list = f.list();
+    assert_eq!(list[0]["issue"], "acme/widgets#7");
+    assert_eq!(list[0]["status"], "done");
+    assert_eq!(list[0]["pr_url"], "https://github.com/acme/widgets/pull/42");
+
+    let requests = server.received_requests().await.unwrap();
+    let writes: Vec<(String, String, Value)> = requests
+        .iter()
+        .filter(|r| r.method.as_str() != "GET")
+        .map(|r| {
+            (
+                r.method.to_string(),
+                r.url.path().to_owned(),
+                serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+            )
+        })
+        .collect();
+    let shape: Vec<(&str, &str)> = writes
+        .iter()
+        .map(|(m, p, _)| (m.as_str(), p.as_str()))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("POST", "/repos/acme/widgets/issues/7/labels"),
+            ("POST", "/repos/acme/widgets/issues/7/comments"),
+            // done first, so the issue never shows no status at all
+            ("POST", "/repos/acme/widgets/issues/7/labels"),
+            (
+                "DELETE",
+                "/repos/acme/widgets/issues/7/labels/claude-flow:in-progress"
+            ),
+            ("DELETE", "/repos/acme/widgets/issues/7/labels/claude-flow"),
+            ("PATCH", "/repos/acme/widgets/issues/comments/3300099"),
+        ],
+        "labels and comment, in order"
+    );
+    assert_eq!(writes[0].2, json!({"labels": ["claude-flow:in-progress"]}));
+    assert_eq!(writes[2].2, json!({"labels": ["claude-flow:done"]}));
+    let final_comment = writes[5].2["body"].as_str().unwrap();
+    assert!(
+        final_comment.contains("https://github.com/acme/widgets/pull/42"),
+        "{final_comment}"
+    );
+    assert!(!final_comment.contains("other/library"), "{final_comment}");
+    for r in &requests {
+        assert_eq!(
+            r.headers
+                .get("authorization")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            Some(format!("Bearer {TOKEN}"))
+        );
+    }
+
+    // Nothing the service wrote holds the token.
+    let state = std::fs::read_to_string(f.path("state/state.jsonl")).unwrap();
+    assert!(!state.contains(TOKEN));
+    let log =
+        std::fs::read_to_string(f.path("state/logs/acme__widgets/issue-7/attempt-1.log")).unwrap();
+    assert!(log.contains("working on acme/widgets#7"), "{log}");
+}
