@@ -22,7 +22,7 @@ pub use issue_source::{
     FailureReport, GithubSettings, GithubSource, IssueSource, LocalSource, StartReport,
     SuccessReport,
 };
-pub use orchestrator::{Orchestrator, OrchestratorBuilder, Settings, Summary};
+pub use orchestrator::{Orchestrator, OrchestratorBuilder, PollResult, Settings, Status, Summary};
 pub use record::{Attempt, AttemptOutcome, IssueRecord, IssueStatus, Reports};
 pub use runner::{ExitKind, FnRunner, RunOutcome, SubprocessRunner, WorkflowJob, WorkflowRunner};
 pub use secret::Secret;

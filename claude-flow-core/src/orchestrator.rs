@@ -8,11 +8,13 @@
 //! the store together and share its syncs.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use tokio::sync::{Notify, watch};
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -138,22 +140,36 @@ impl OrchestratorBuilder {
     pub fn build(self) -> Result<Orchestrator, Error> {
         let missing = |what: &str| Error::Other(format!("OrchestratorBuilder: no {what} given"));
         let (settings, _) = watch::channel(self.settings);
+        let (status, _) = watch::channel(Status::default());
+        let (commands, inbox) = mpsc::unbounded_channel();
         Ok(Orchestrator {
             shared: Arc::new(Shared {
-                source: self.source.ok_or_else(|| missing("source"))?,
+                source: RwLock::new(self.source.ok_or_else(|| missing("source"))?),
                 runner: self.runner.ok_or_else(|| missing("runner"))?,
                 store: self.store.ok_or_else(|| missing("store"))?,
             }),
             settings,
+            status,
+            commands,
+            inbox: Mutex::new(Some(inbox)),
+            engine_running: AtomicBool::new(false),
             poll_now: Arc::new(Notify::new()),
         })
     }
 }
 
 struct Shared {
-    source: Arc<dyn IssueSource>,
+    /// Swappable so that a configuration reload (new labels, say) takes
+    /// effect for new work while running attempts keep the one they had.
+    source: RwLock<Arc<dyn IssueSource>>,
     runner: Arc<dyn WorkflowRunner>,
     store: Arc<dyn StateStore>,
+}
+
+impl Shared {
+    fn source(&self) -> Arc<dyn IssueSource> {
+        Arc::clone(&self.source.read().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// Turns ready issues into workflow attempts. Build it with
@@ -162,7 +178,48 @@ struct Shared {
 pub struct Orchestrator {
     shared: Arc<Shared>,
     settings: watch::Sender<Settings>,
+    status: watch::Sender<Status>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Taken by the running loop and put back when it ends.
+    inbox: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
+    engine_running: AtomicBool,
     poll_now: Arc<Notify>,
+}
+
+/// What the orchestrator is doing: for health checks and status pages.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Status {
+    /// The last poll, once there was one.
+    pub last_poll: Option<PollResult>,
+    /// Polls that failed in a row (0 after a success).
+    pub consecutive_poll_failures: u32,
+    /// Issues with a running attempt.
+    pub running: Vec<IssueKey>,
+    /// No workflow starts before this (a quota pause).
+    #[serde(with = "humantime_serde")]
+    pub paused_until: Option<SystemTime>,
+    /// A graceful stop is under way.
+    pub stopping: bool,
+}
+
+/// How a poll went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PollResult {
+    /// When it ended.
+    #[serde(with = "humantime_serde")]
+    pub at: SystemTime,
+    /// How long it took.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Issues found ready, when it succeeded.
+    pub ready: Option<usize>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+}
+
+enum Command {
+    Retry(IssueKey, oneshot::Sender<Result<IssueRecord, Error>>),
+    Cancel(IssueKey, oneshot::Sender<Result<IssueRecord, Error>>),
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -226,21 +283,93 @@ impl Orchestrator {
         self.poll_now.notify_one();
     }
 
+    /// Replaces the source for new work (a configuration reload); running
+    /// attempts report to the source they started with.
+    pub fn set_source(&self, source: Arc<dyn IssueSource>) {
+        *self
+            .shared
+            .source
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = source;
+    }
+
+    /// What the orchestrator is doing now.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// Follows the status as it changes.
+    pub fn subscribe_status(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    /// Queues an issue again, through the running loop: a new round for a
+    /// settled issue, an attempt as soon as possible for a waiting one.
+    pub async fn retry(&self, key: &IssueKey) -> Result<IssueRecord, Error> {
+        self.command(|reply| Command::Retry(key.clone(), reply))
+            .await
+    }
+
+    /// Cancels an issue through the running loop: a running attempt is
+    /// stopped (SIGTERM, then SIGKILL) and the issue settles as cancelled.
+    pub async fn cancel(&self, key: &IssueKey) -> Result<IssueRecord, Error> {
+        self.command(|reply| Command::Cancel(key.clone(), reply))
+            .await
+    }
+
+    async fn command(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<IssueRecord, Error>>) -> Command,
+    ) -> Result<IssueRecord, Error> {
+        let not_running = || Error::Other("the orchestrator is not running".into());
+        if !self.engine_running.load(Ordering::SeqCst) {
+            return Err(not_running());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).map_err(|_| not_running())?;
+        answer.await.map_err(|_| not_running())?
+    }
+
     /// Polls every `poll_interval` and runs what is ready until `shutdown`
     /// fires; then stops gracefully (see [`Settings::shutdown_grace`]).
     pub async fn run(&self, shutdown: CancellationToken) -> Result<Summary, Error> {
-        self.engine(Mode::Forever).run(shutdown).await
+        self.run_engine(Mode::Forever, shutdown).await
     }
 
     /// Polls once, then works until every issue found eligible is settled
     /// (done, failed after its last attempt, or cancelled), waiting out
     /// retry backoff. Stops early, gracefully, if `shutdown` fires.
     pub async fn run_once(&self, shutdown: CancellationToken) -> Result<Summary, Error> {
-        self.engine(Mode::Once).run(shutdown).await
+        self.run_engine(Mode::Once, shutdown).await
     }
 
-    fn engine(&self, mode: Mode) -> Engine {
+    async fn run_engine(&self, mode: Mode, shutdown: CancellationToken) -> Result<Summary, Error> {
+        let inbox = self
+            .inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Error::Other("the orchestrator is already running".into()))?;
+        self.engine_running.store(true, Ordering::SeqCst);
+        self.status.send_replace(Status::default());
+        let mut engine = self.engine(mode, inbox);
+        let result = engine.run(shutdown).await;
+        self.engine_running.store(false, Ordering::SeqCst);
+        // Commands sent while the loop ended get their error, not a hang.
+        let mut inbox = engine.inbox;
+        inbox.close();
+        while let Ok(command) = inbox.try_recv() {
+            let (Command::Retry(_, reply) | Command::Cancel(_, reply)) = command;
+            let _ = reply.send(Err(Error::Other("the orchestrator is stopping".into())));
+        }
+        *self.inbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(inbox);
+        result
+    }
+
+    fn engine(&self, mode: Mode, inbox: mpsc::UnboundedReceiver<Command>) -> Engine {
         Engine {
+            status: self.status.clone(),
+            inbox,
             shared: Arc::clone(&self.shared),
             settings: self.settings.subscribe(),
             poll_now: Arc::clone(&self.poll_now),
@@ -258,6 +387,8 @@ impl Orchestrator {
 }
 
 struct Engine {
+    status: watch::Sender<Status>,
+    inbox: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Shared>,
     settings: watch::Receiver<Settings>,
     poll_now: Arc<Notify>,
@@ -276,7 +407,7 @@ struct Engine {
 }
 
 impl Engine {
-    async fn run(mut self, shutdown: CancellationToken) -> Result<Summary, Error> {
+    async fn run(&mut self, shutdown: CancellationToken) -> Result<Summary, Error> {
         self.recover().await?;
         let mut next_poll = Instant::now();
         let mut grace_deadline: Option<Instant> = None;
@@ -309,15 +440,17 @@ impl Engine {
                 () = shutdown.cancelled(), if !stopping => {
                     tracing::info!(running = self.running.len(), grace = %humantime::format_duration(settings.shutdown_grace), "shutting down: no new work; waiting for running workflows");
                     grace_deadline = Some(Instant::now() + settings.shutdown_grace);
+                    self.status.send_modify(|s| s.stopping = true);
                 }
                 Ok(()) = self.settings.changed() => {}
                 () = self.poll_now.notified(), if !stopping => next_poll = Instant::now(),
+                Some(command) = self.inbox.recv() => self.command(command).await,
             }
             if self.failure.is_some() && grace_deadline.is_none() {
                 grace_deadline = Some(Instant::now());
             }
         }
-        match self.failure {
+        match self.failure.take() {
             Some(e) => Err(e),
             None => Ok(self.summary),
         }
@@ -379,7 +512,28 @@ impl Engine {
         if self.mode == Mode::Once && self.once_set.is_some() {
             return self.check_wanted().await;
         }
-        let issues = match self.shared.source.poll().await {
+        let started = Instant::now();
+        let polled = self.shared.source().poll().await;
+        let duration = started.elapsed();
+        metrics::histogram!("claude_flow_poll_duration_seconds").record(duration.as_secs_f64());
+        let result = PollResult {
+            at: SystemTime::now(),
+            duration,
+            ready: polled.as_ref().ok().map(Vec::len),
+            error: polled.as_ref().err().map(ToString::to_string),
+        };
+        let ok = polled.is_ok();
+        metrics::counter!("claude_flow_polls_total", "result" => if ok { "ok" } else { "error" })
+            .increment(1);
+        self.status.send_modify(|s| {
+            s.last_poll = Some(result);
+            s.consecutive_poll_failures = if ok {
+                0
+            } else {
+                s.consecutive_poll_failures + 1
+            };
+        });
+        let issues = match polled {
             Ok(issues) => issues,
             Err(e) if self.mode == Mode::Once => return Err(e.into()),
             Err(e) => {
@@ -452,7 +606,7 @@ impl Engine {
             let Some(record) = self.records.get(&key) else {
                 continue;
             };
-            match self.shared.source.is_wanted(&record.issue).await {
+            match self.shared.source().is_wanted(&record.issue).await {
                 Ok(true) => {}
                 Ok(false) => {
                     if let Some(running) = self.running.get(&key) {
@@ -536,6 +690,7 @@ impl Engine {
             Arc::clone(&running.reason),
         );
         self.running.insert(key.clone(), running);
+        self.publish_running();
         self.tasks
             .spawn(async move { (key, TaskKind::Attempt, task.await) }.instrument(span));
     }
@@ -550,6 +705,7 @@ impl Engine {
         };
         if matches!(kind, TaskKind::Attempt) {
             self.running.remove(&key);
+            self.publish_running();
         }
         let record = match result {
             Ok(record) => record,
@@ -559,6 +715,19 @@ impl Engine {
             }
         };
         if matches!(kind, TaskKind::Attempt) {
+            if let Some(attempt) = record.last_attempt() {
+                let outcome = match &attempt.outcome {
+                    Some(AttemptOutcome::Succeeded) => "succeeded",
+                    Some(AttemptOutcome::Failed { .. }) => "failed",
+                    Some(AttemptOutcome::Cancelled) => "cancelled",
+                    Some(AttemptOutcome::Interrupted) => "interrupted",
+                    Some(AttemptOutcome::QuotaExhausted { .. }) => "quota_exhausted",
+                    None => "unknown",
+                };
+                metrics::counter!("claude_flow_attempts_total", "outcome" => outcome).increment(1);
+                metrics::histogram!("claude_flow_attempt_duration_seconds")
+                    .record(attempt.duration().as_secs_f64());
+            }
             match record.status {
                 IssueStatus::Done => self.summary.done += 1,
                 IssueStatus::Failed => self.summary.failed += 1,
@@ -570,6 +739,7 @@ impl Engine {
                 Some(AttemptOutcome::QuotaExhausted { until }) => {
                     tracing::warn!(until = %humantime::format_rfc3339_seconds(*until), "the workflow's quota is exhausted: no workflow starts until then");
                     self.paused_until = self.paused_until.max(Some(*until));
+                    self.publish_running();
                 }
                 _ => {}
             }
@@ -580,6 +750,51 @@ impl Engine {
             }
         }
         self.records.insert(key, record);
+    }
+
+    /// Publishes who is running (status and gauge) after a change.
+    fn publish_running(&self) {
+        let mut running: Vec<IssueKey> = self.running.keys().cloned().collect();
+        running.sort();
+        metrics::gauge!("claude_flow_workflows_running").set(running.len() as f64);
+        let paused_until = self.paused_until;
+        self.status.send_modify(|s| {
+            s.running = running;
+            s.paused_until = paused_until;
+        });
+    }
+
+    /// An operator's retry or cancel, made through the loop so that it
+    /// cannot race the loop's own changes to the record.
+    async fn command(&mut self, command: Command) {
+        let store = Arc::clone(&self.shared.store);
+        let (key, reply, result) = match command {
+            Command::Retry(key, reply) => {
+                let result = if self.running.contains_key(&key) {
+                    Err(Error::Other(format!("{key} is running now")))
+                } else {
+                    crate::ops::retry(&*store, &key).await
+                };
+                (key, reply, result)
+            }
+            Command::Cancel(key, reply) => {
+                let result = match (self.running.get(&key), self.records.get(&key)) {
+                    (Some(running), Some(record)) => {
+                        tracing::info!(issue = %key, "cancelled by an operator: stopping the running workflow");
+                        running.stop(StopReason::Unwanted);
+                        Ok(record.clone())
+                    }
+                    _ => crate::ops::cancel(&*store, &key).await,
+                };
+                (key, reply, result)
+            }
+        };
+        if let Ok(record) = &result
+            && !self.running.contains_key(&key)
+        {
+            self.records.insert(key, record.clone());
+        }
+        let _ = reply.send(result);
     }
 
     fn fail(&mut self, e: Error) {
@@ -642,7 +857,7 @@ async fn attempt_task(
             max_attempts: settings.max_attempts,
         };
         match shared
-            .source
+            .source()
             .report_started(&record.issue, start, &mut record.reports)
             .await
         {
@@ -780,7 +995,7 @@ async fn report_outcome(
                 attempt: record.last_attempt().map_or(0, |a| a.number),
             };
             shared
-                .source
+                .source()
                 .report_succeeded(&record.issue, &success, &mut record.reports)
                 .await
         }
@@ -795,7 +1010,7 @@ async fn report_outcome(
                 attempts: record.failures_this_round().min(settings.max_attempts),
             };
             shared
-                .source
+                .source()
                 .report_failed(&record.issue, &failure, &mut record.reports)
                 .await
         }

@@ -317,3 +317,125 @@ async fn a_missing_part_is_named_by_the_builder() {
         .unwrap_err();
     assert!(err.to_string().contains("no source"), "{err}");
 }
+
+/// A runner whose attempts wait for cancellation, announcing each start.
+fn blocking_runner(started: Arc<tokio::sync::Notify>) -> FnRunner {
+    FnRunner::new(move |_job, cancel: CancellationToken| {
+        let started = Arc::clone(&started);
+        async move {
+            started.notify_one();
+            cancel.cancelled().await;
+            Ok(RunOutcome {
+                exit: ExitKind::Cancelled,
+                ..outcome(1)
+            })
+        }
+    })
+}
+
+#[tokio::test]
+async fn status_shows_the_last_poll_and_what_runs_and_an_operator_can_cancel_it() {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let store = Arc::new(MemoryStore::new());
+    let orchestrator = Arc::new(
+        Orchestrator::builder()
+            .source(Arc::new(MemorySource::new([issue(1)])))
+            .runner(Arc::new(blocking_runner(Arc::clone(&started))))
+            .store(store.clone())
+            .settings(settings())
+            .build()
+            .unwrap(),
+    );
+    assert!(
+        orchestrator.cancel(&key(1)).await.is_err(),
+        "no loop runs yet"
+    );
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn({
+        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
+        async move { o.run(s).await }
+    });
+    started.notified().await;
+    let status = orchestrator.status();
+    assert_eq!(status.running, [key(1)]);
+    let poll = status.last_poll.expect("a poll happened");
+    assert_eq!((poll.ready, poll.error), (Some(1), None));
+
+    orchestrator.cancel(&key(1)).await.unwrap();
+    let mut watch = orchestrator.subscribe_status();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        watch.wait_for(|s| s.running.is_empty()),
+    )
+    .await
+    .expect("the attempt was not stopped")
+    .unwrap();
+    let record = store.get(&key(1)).await.unwrap().unwrap();
+    assert_eq!(record.status, IssueStatus::Cancelled);
+    assert!(
+        orchestrator.cancel(&key(1)).await.is_err(),
+        "already settled"
+    );
+
+    // Retry starts a new round for the settled issue, through the loop.
+    let again = orchestrator.retry(&key(1)).await.unwrap();
+    assert_eq!((again.status, again.round), (IssueStatus::Queued, 2));
+    orchestrator.poll_now();
+    started.notified().await;
+    assert!(
+        orchestrator
+            .retry(&key(1))
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("running")
+    );
+
+    shutdown.cancel();
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!((summary.cancelled, summary.interrupted), (1, 1));
+}
+
+#[tokio::test]
+async fn failing_polls_are_counted_in_a_row() {
+    let mut source = claude_flow_core::MockIssueSource::new();
+    source.expect_poll().returning(|| {
+        Err(claude_flow_core::SourceError::Unavailable {
+            what: "GET /repos/acme/app/issues".into(),
+            message: "HTTP 502".into(),
+        })
+    });
+    let orchestrator = Arc::new(
+        Orchestrator::builder()
+            .source(Arc::new(source))
+            .runner(Arc::new(FnRunner::new(|_job, _cancel| async {
+                Ok(outcome(0))
+            })))
+            .store(Arc::new(MemoryStore::new()))
+            .settings(settings())
+            .build()
+            .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn({
+        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
+        async move { o.run(s).await }
+    });
+    let mut watch = orchestrator.subscribe_status();
+    for failures in 1..=3 {
+        if failures > 1 {
+            orchestrator.poll_now();
+        }
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            watch.wait_for(|s| s.consecutive_poll_failures >= failures),
+        )
+        .await
+        .expect("the poll did not happen")
+        .unwrap();
+    }
+    let last = orchestrator.status().last_poll.unwrap();
+    assert!(last.error.unwrap().contains("HTTP 502"));
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+}

@@ -411,6 +411,11 @@ impl Client {
             state.blocked_until = state.blocked_until.max(Some(until));
         }
         tracing::debug!(request = %what, status = status.as_u16(), remaining = ?limits.remaining, "GitHub answered");
+        metrics::counter!("claude_flow_github_requests_total", "status" => status.as_u16().to_string())
+            .increment(1);
+        if let Some(remaining) = limits.remaining {
+            metrics::gauge!("claude_flow_github_rate_limit_remaining").set(remaining as f64);
+        }
         let raw: Arc<[u8]> = match response.bytes().await {
             Ok(b) => Arc::from(&b[..]),
             Err(e) => {
