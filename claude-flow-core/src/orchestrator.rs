@@ -145,7 +145,7 @@ impl OrchestratorBuilder {
         Ok(Orchestrator {
             shared: Arc::new(Shared {
                 source: RwLock::new(self.source.ok_or_else(|| missing("source"))?),
-                runner: self.runner.ok_or_else(|| missing("runner"))?,
+                runner: RwLock::new(self.runner.ok_or_else(|| missing("runner"))?),
                 store: self.store.ok_or_else(|| missing("store"))?,
             }),
             settings,
@@ -154,6 +154,7 @@ impl OrchestratorBuilder {
             inbox: Mutex::new(Some(inbox)),
             engine_running: AtomicBool::new(false),
             poll_now: Arc::new(Notify::new()),
+            hurry: Arc::new(Notify::new()),
         })
     }
 }
@@ -162,13 +163,17 @@ struct Shared {
     /// Swappable so that a configuration reload (new labels, say) takes
     /// effect for new work while running attempts keep the one they had.
     source: RwLock<Arc<dyn IssueSource>>,
-    runner: Arc<dyn WorkflowRunner>,
+    runner: RwLock<Arc<dyn WorkflowRunner>>,
     store: Arc<dyn StateStore>,
 }
 
 impl Shared {
     fn source(&self) -> Arc<dyn IssueSource> {
         Arc::clone(&self.source.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn runner(&self) -> Arc<dyn WorkflowRunner> {
+        Arc::clone(&self.runner.read().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -184,6 +189,7 @@ pub struct Orchestrator {
     inbox: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
     engine_running: AtomicBool,
     poll_now: Arc<Notify>,
+    hurry: Arc<Notify>,
 }
 
 /// What the orchestrator is doing: for health checks and status pages.
@@ -200,6 +206,10 @@ pub struct Status {
     pub paused_until: Option<SystemTime>,
     /// A graceful stop is under way.
     pub stopping: bool,
+    /// Counts the scheduler loop's turns; the loop turns at least once a
+    /// second, so a counter that stops moving means a hung loop (what a
+    /// watchdog should catch).
+    pub heartbeat: u64,
 }
 
 /// How a poll went.
@@ -293,6 +303,24 @@ impl Orchestrator {
             .unwrap_or_else(|e| e.into_inner()) = source;
     }
 
+    /// Replaces the runner for new attempts (a configuration reload);
+    /// running attempts finish with the runner they started with.
+    pub fn set_runner(&self, runner: Arc<dyn WorkflowRunner>) {
+        *self
+            .shared
+            .runner
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = runner;
+    }
+
+    /// Ends a graceful stop's wait at once: running attempts are cancelled
+    /// now (SIGTERM, then SIGKILL after the runner's grace) and recorded as
+    /// interrupted. Called before a stop, it makes the next stop skip its
+    /// wait.
+    pub fn hurry(&self) {
+        self.hurry.notify_one();
+    }
+
     /// What the orchestrator is doing now.
     pub fn status(&self) -> Status {
         self.status.borrow().clone()
@@ -373,6 +401,7 @@ impl Orchestrator {
             shared: Arc::clone(&self.shared),
             settings: self.settings.subscribe(),
             poll_now: Arc::clone(&self.poll_now),
+            hurry: Arc::clone(&self.hurry),
             mode,
             records: HashMap::new(),
             running: HashMap::new(),
@@ -386,12 +415,16 @@ impl Orchestrator {
     }
 }
 
+/// The longest the scheduler loop sleeps, so that its heartbeat moves.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
 struct Engine {
     status: watch::Sender<Status>,
     inbox: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Shared>,
     settings: watch::Receiver<Settings>,
     poll_now: Arc<Notify>,
+    hurry: Arc<Notify>,
     mode: Mode,
     records: HashMap<IssueKey, IssueRecord>,
     running: HashMap<IssueKey, Running>,
@@ -431,7 +464,11 @@ impl Engine {
                     running.stop(StopReason::Shutdown);
                 }
             }
-            let wake = self.next_wake(next_poll, grace_deadline);
+            self.status
+                .send_modify(|s| s.heartbeat = s.heartbeat.wrapping_add(1));
+            let wake = self
+                .next_wake(next_poll, grace_deadline)
+                .min(Instant::now() + HEARTBEAT);
             tokio::select! {
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     self.finished(joined);
@@ -445,6 +482,7 @@ impl Engine {
                 Ok(()) = self.settings.changed() => {}
                 () = self.poll_now.notified(), if !stopping => next_poll = Instant::now(),
                 Some(command) = self.inbox.recv() => self.command(command).await,
+                () = self.hurry.notified(), if stopping => grace_deadline = Some(Instant::now()),
             }
             if self.failure.is_some() && grace_deadline.is_none() {
                 grace_deadline = Some(Instant::now());
@@ -466,7 +504,7 @@ impl Engine {
                 if let Some(attempt) = record.attempts.last_mut()
                     && attempt.outcome.is_none()
                 {
-                    if let Err(e) = self.shared.runner.abandon(&attempt.run_id).await {
+                    if let Err(e) = self.shared.runner().abandon(&attempt.run_id).await {
                         tracing::warn!(issue = %record.issue.key, error = %e, "cannot clean up an interrupted attempt");
                     }
                     attempt.outcome = Some(AttemptOutcome::Interrupted);
@@ -876,7 +914,7 @@ async fn attempt_task(
         attempt: attempt.number,
         run_id: attempt.run_id.clone(),
     };
-    let result = shared.runner.run(&job, cancel).await;
+    let result = shared.runner().run(&job, cancel).await;
     let stop_reason = reason.get().copied();
     apply_outcome(&mut record, &settings, result, stop_reason);
     shared.store.put(&record).await?;

@@ -1,11 +1,13 @@
-//! `claude-flow-daemon`: the long-running service. It runs the orchestrator
-//! until SIGINT or SIGTERM, then stops gracefully.
+//! `claude-flow-daemon`: the long-running service. Runs until SIGINT or
+//! SIGTERM (graceful; a second signal stops at once), reloads its
+//! configuration on SIGHUP.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use claude_flow_core::{Config, Error, app, logging, signals};
+use claude_flow_core::Error;
+use claude_flow_daemon::{Daemon, signals};
 
 /// The claude-flow service: watches for triggered issues and runs their workflows.
 #[derive(Debug, Parser)]
@@ -29,7 +31,14 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))
-        .and_then(|rt| rt.block_on(serve(&args)));
+        .and_then(|rt| {
+            rt.block_on(async {
+                let handle = Daemon::builder(&args.config).build()?.start();
+                signals::forward(&handle)
+                    .map_err(|e| Error::Other(format!("cannot listen for signals: {e}")))?;
+                handle.wait().await
+            })
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -37,16 +46,4 @@ fn main() -> ExitCode {
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
     }
-}
-
-async fn serve(args: &Args) -> Result<(), Error> {
-    let config = Config::load(&args.config)?;
-    logging::init(&config.log);
-    let (orchestrator, _store) = app::orchestrator(&config)?;
-    let shutdown = signals::shutdown_token()
-        .map_err(|e| Error::Other(format!("cannot listen for signals: {e}")))?;
-    tracing::info!(config = %args.config.display(), "claude-flow-daemon started");
-    orchestrator.run(shutdown).await?;
-    tracing::info!("claude-flow-daemon stopped");
-    Ok(())
 }

@@ -28,10 +28,18 @@ struct Setup {
 }
 
 fn setup(shutdown_grace: &str) -> Setup {
+    setup_with(1, serde_json::json!({"shutdown_grace": shutdown_grace}))
+}
+
+/// `issues` gated issues (each workflow waits for `<root>/gate`), with
+/// `service` merged into the service section.
+fn setup_with(issues: u64, service: serde_json::Value) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().canonicalize().unwrap();
     std::fs::create_dir(root.join("issues")).unwrap();
-    std::fs::write(root.join("issues/1-long.md"), "# Long\n").unwrap();
+    for n in 1..=issues {
+        std::fs::write(root.join(format!("issues/{n}-long.md")), "# Long\n").unwrap();
+    }
     let wf = root.join("wf.sh");
     std::fs::write(
         &wf,
@@ -39,14 +47,26 @@ fn setup(shutdown_grace: &str) -> Setup {
     )
     .unwrap();
     std::fs::set_permissions(&wf, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "source": "local",
         "local": {"dir": "issues"},
         "workflow": {"command": ["./wf.sh"], "kill_grace": "1s"},
-        "service": {"state_dir": "state", "poll_interval": "100ms", "shutdown_grace": shutdown_grace, "listen": ""}
+        "service": {"state_dir": "state", "poll_interval": "100ms", "listen": ""}
     });
+    for (k, v) in service.as_object().unwrap() {
+        config["service"][k] = v.clone();
+    }
     std::fs::write(root.join("config.json"), config.to_string()).unwrap();
     Setup { _dir: dir, root }
+}
+
+fn started(root: &Path, n: u64) -> bool {
+    root.join(format!("state/workspaces/local__issues/issue-{n}/pid"))
+        .exists()
+}
+
+fn signal(child: &Child, sig: Signal) {
+    kill(Pid::from_raw(child.id() as i32), sig).unwrap();
 }
 
 fn daemon(root: &Path) -> Child {
@@ -61,7 +81,11 @@ fn daemon(root: &Path) -> Child {
 }
 
 fn workflow_pid(root: &Path) -> Option<i32> {
-    std::fs::read_to_string(root.join("state/workspaces/local__issues/issue-1/pid"))
+    workflow_pid_of(root, 1)
+}
+
+fn workflow_pid_of(root: &Path, n: u64) -> Option<i32> {
+    std::fs::read_to_string(root.join(format!("state/workspaces/local__issues/issue-{n}/pid")))
         .ok()
         .filter(|s| s.ends_with('\n'))
         .and_then(|s| s.trim().parse().ok())
@@ -121,5 +145,112 @@ fn a_bad_configuration_exits_78_naming_the_key() {
     assert_eq!(out.status.code(), Some(78));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("service.shutdown_grace: invalid duration")
+    );
+}
+
+#[test]
+fn sighup_applies_a_new_max_concurrent_without_dropping_running_workflows() {
+    let s = setup_with(3, serde_json::json!({"max_concurrent": 1}));
+    let mut d = daemon(&s.root);
+    wait_for("one workflow to start", || {
+        (1..=3).filter(|n| started(&s.root, *n)).count() == 1
+    });
+    let first = (1..=3).find(|n| started(&s.root, *n)).unwrap();
+    let first_pid = workflow_pid_of(&s.root, first).unwrap();
+
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.root.join("config.json")).unwrap())
+            .unwrap();
+    config["service"]["max_concurrent"] = serde_json::json!(3);
+    std::fs::write(s.root.join("config.json"), config.to_string()).unwrap();
+    signal(&d, Signal::SIGHUP);
+    wait_for("all three workflows to run", || {
+        (1..=3).all(|n| started(&s.root, n))
+    });
+    assert!(alive(first_pid), "the reload dropped a running workflow");
+
+    std::fs::write(s.root.join("gate"), "").unwrap();
+    wait_for("every issue to be done", || {
+        let store = FileStore::open_read_only(s.root.join("state")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let all = rt.block_on(store.load()).unwrap();
+        all.len() == 3 && all.iter().all(|r| r.status == IssueStatus::Done)
+    });
+    signal(&d, Signal::SIGTERM);
+    assert!(d.wait().unwrap().success());
+}
+
+#[test]
+fn sighup_with_an_invalid_file_keeps_the_running_configuration() {
+    let s = setup_with(1, serde_json::json!({}));
+    let d = daemon(&s.root);
+    wait_for("the workflow to start", || started(&s.root, 1));
+    std::fs::write(
+        s.root.join("config.json"),
+        r#"{"source": "local", "service": {"max_concurrent": "many"}}"#,
+    )
+    .unwrap();
+    signal(&d, Signal::SIGHUP);
+    // Still serving: the running workflow completes under the old configuration.
+    std::fs::write(s.root.join("gate"), "").unwrap();
+    wait_for("the issue to be done", || {
+        status(&s.root) == Some(IssueStatus::Done)
+    });
+    signal(&d, Signal::SIGTERM);
+    let out = d.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("configuration reload refused"), "{log}");
+    assert!(log.contains("service.max_concurrent"), "{log}");
+}
+
+#[test]
+fn the_pid_file_exists_while_the_daemon_runs() {
+    let s = setup_with(
+        1,
+        serde_json::json!({"pid_file": "run/daemon.pid", "shutdown_grace": "200ms"}),
+    );
+    let pid_file = s.root.join("run/daemon.pid");
+    let mut d = daemon(&s.root);
+    wait_for("the workflow to start", || started(&s.root, 1));
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        d.id().to_string()
+    );
+    signal(&d, Signal::SIGTERM);
+    assert!(d.wait().unwrap().success());
+    assert!(!pid_file.exists(), "the PID file outlived the daemon");
+}
+
+#[test]
+fn a_second_sigterm_stops_at_once_and_still_cancels_the_workflow() {
+    use std::io::BufRead;
+    let s = setup_with(1, serde_json::json!({"shutdown_grace": "1h"}));
+    let mut d = daemon(&s.root);
+    wait_for("the workflow to start", || workflow_pid(&s.root).is_some());
+    let workflow = workflow_pid(&s.root).unwrap();
+    let mut log = std::io::BufReader::new(d.stderr.take().unwrap()).lines();
+    signal(&d, Signal::SIGTERM);
+    // Two signals sent back to back may arrive as one; the second must
+    // follow the daemon's word that the first began a graceful stop.
+    let began = log
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|line| line.contains("stopping gracefully"));
+    assert!(began, "the daemon never said it was stopping");
+    signal(&d, Signal::SIGTERM);
+    let exit = d.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(!alive(workflow));
+    let store = FileStore::open_read_only(s.root.join("state")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let record = rt.block_on(store.load()).unwrap().remove(0);
+    assert_eq!(
+        record.attempts[0].outcome,
+        Some(claude_flow_core::AttemptOutcome::Interrupted)
     );
 }
