@@ -8,6 +8,7 @@
 mod closure;
 mod output;
 mod process;
+mod spawn;
 mod subprocess;
 
 use std::path::PathBuf;

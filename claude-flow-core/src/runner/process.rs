@@ -2,82 +2,107 @@
 //! group, dies with the service (parent-death signal), and can be found
 //! again after a crash by its `CLAUDE_FLOW_RUN_ID` in `/proc`.
 
+use std::ffi::OsString;
+use std::fs::File;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-/// How a workflow is made to die with the service.
+use super::spawn::{self, Exit, SpawnSpec};
+
+/// A running workflow, started without fork where the kernel allows it.
 #[derive(Debug)]
-enum DeathSignal {
-    /// `setpriv --pdeathsig KILL -- <workflow>`: the signal is set by a
-    /// tiny exec in the child and survives the exec of the workflow, so the
-    /// service can spawn with `posix_spawn` (no fork of its address space).
-    Setpriv(PathBuf),
-    /// `prctl(PR_SET_PDEATHSIG)` in a `pre_exec` hook, which forces a full
-    /// `fork` of the service: several times slower per spawn.
-    PreExec,
+pub(crate) enum Workflow {
+    /// Started by [`spawn::spawn`] (`clone(CLONE_VM | CLONE_VFORK)`).
+    Cloned(spawn::Child),
+    /// Started by fork with the death signal armed in `pre_exec`, where
+    /// clone is refused (some sandboxes' seccomp filters).
+    Forked(tokio::process::Child),
 }
 
-static DEATH_SIGNAL: OnceLock<DeathSignal> = OnceLock::new();
+impl Workflow {
+    /// Its PID, which is also its process group's ID.
+    pub(crate) fn id(&self) -> Option<u32> {
+        match self {
+            Self::Cloned(child) => Some(child.id()),
+            Self::Forked(child) => child.id(),
+        }
+    }
 
-fn death_signal() -> &'static DeathSignal {
-    DEATH_SIGNAL.get_or_init(|| {
-        // util-linux's setpriv has had --pdeathsig since 2.33 (2018).
-        for candidate in ["/usr/bin/setpriv", "/bin/setpriv"] {
-            let works = std::process::Command::new(candidate)
-                .args(["--pdeathsig", "KILL", "--", candidate, "--version"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if works {
-                return DeathSignal::Setpriv(PathBuf::from(candidate));
+    /// Waits for the workflow to exit, then kills whatever it left running
+    /// in its process group.
+    pub(crate) async fn wait(&mut self, pgid: u32) -> io::Result<Exit> {
+        match self {
+            // The group is signalled while the leader is an unreaped
+            // zombie, so its ID cannot have been reused.
+            Self::Cloned(child) => child.wait(|| signal_group(pgid, Signal::SIGKILL)).await,
+            Self::Forked(child) => {
+                let status = child.wait().await?;
+                signal_group(pgid, Signal::SIGKILL);
+                Ok(match (status.code(), status.signal()) {
+                    (Some(code), _) => Exit::Code(code),
+                    (None, Some(signal)) => Exit::Signal(signal),
+                    (None, None) => Exit::Code(-1),
+                })
             }
         }
-        tracing::debug!("setpriv --pdeathsig unavailable; spawning workflows with fork");
-        DeathSignal::PreExec
-    })
+    }
 }
 
-/// A command for `program` (already resolved) and `args` whose process
-/// leads a new process group and receives SIGKILL when the thread that
-/// spawned it dies, including by SIGKILL of the whole service.
-///
-/// Between the spawn and the moment the death signal is armed there is a
-/// window of microseconds; a workflow orphaned in it is still found after
-/// a restart by [`kill_by_run_id`].
-pub(crate) fn command(program: &Path, args: &[String]) -> tokio::process::Command {
-    command_using(death_signal(), program, args)
-}
-
-fn command_using(
-    strategy: &DeathSignal,
+/// Starts `program` (already resolved) in `cwd` with exactly `env`, its
+/// output to `output` and standard input from `/dev/null`, leading a new
+/// process group and receiving SIGKILL when the service dies, including
+/// by SIGKILL.
+pub(crate) fn start(
     program: &Path,
     args: &[String],
-) -> tokio::process::Command {
-    let mut cmd = match strategy {
-        DeathSignal::Setpriv(setpriv) => {
-            let mut cmd = tokio::process::Command::new(setpriv);
-            cmd.args(["--pdeathsig", "KILL", "--"])
-                .arg(program)
-                .args(args);
-            cmd
-        }
-        DeathSignal::PreExec => {
-            let mut cmd = tokio::process::Command::new(program);
-            cmd.args(args);
-            arm_in_pre_exec(&mut cmd);
-            cmd
-        }
+    env: &[(OsString, OsString)],
+    cwd: &Path,
+    output: &File,
+) -> io::Result<Workflow> {
+    let spec = SpawnSpec {
+        program,
+        args,
+        env,
+        cwd,
+        output: output.as_fd(),
     };
-    cmd.process_group(0);
-    cmd
+    match spawn::spawn(&spec) {
+        Ok(child) => Ok(Workflow::Cloned(child)),
+        Err(e) if clone_refused(&e) => {
+            tracing::debug!(error = %e, "clone refused; starting workflows with fork");
+            start_forked(&spec).map(Workflow::Forked)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn clone_refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EPERM | nix::libc::ENOSYS | nix::libc::EINVAL)
+    )
+}
+
+fn start_forked(spec: &SpawnSpec<'_>) -> io::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(spec.program);
+    cmd.args(spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(spec.output.try_clone_to_owned()?)
+        .stderr(spec.output.try_clone_to_owned()?)
+        .process_group(0)
+        .kill_on_drop(true);
+    arm_in_pre_exec(&mut cmd);
+    cmd.spawn()
 }
 
 fn arm_in_pre_exec(cmd: &mut tokio::process::Command) {
@@ -102,7 +127,7 @@ fn arm_in_pre_exec(cmd: &mut tokio::process::Command) {
 
 /// Finds `program` as `execvp` would (a name without `/` is searched on
 /// `PATH`), so that a missing or non-executable workflow is reported as
-/// such instead of as the exit status of a trampoline.
+/// such.
 pub(crate) fn resolve_program(program: &str) -> io::Result<PathBuf> {
     let executable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -213,29 +238,34 @@ mod tests {
         })
     }
 
-    /// Spawns `sleep` from a thread that then exits, as a killed service's
+    /// Starts `sleep` from a thread that then exits, as a killed service's
     /// threads do, and checks that the workflow dies with it.
-    fn dies_with_its_spawner(strategy: DeathSignal) {
+    fn dies_with_its_spawner(forked: bool) {
         let sleep = resolve_program("sleep").unwrap();
+        let log = tempfile::tempfile().unwrap();
         let pid = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let child = command_using(&strategy, &sleep, &["600".to_owned()])
-                    .spawn()
-                    .unwrap();
-                let pid = child.id().unwrap();
-                // setpriv arms the signal and then execs the workflow: once
-                // the process is `sleep`, the signal is armed.
-                let start = std::time::Instant::now();
-                while std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() != "sleep")
-                {
-                    assert!(start.elapsed().as_secs() < 60, "the workflow never started");
-                    tokio::task::yield_now().await;
-                }
+                let env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+                let args = ["600".to_owned()];
+                let spec = SpawnSpec {
+                    program: &sleep,
+                    args: &args,
+                    env: &env,
+                    cwd: Path::new("/"),
+                    output: log.as_fd(),
+                };
+                let workflow = if forked {
+                    Workflow::Forked(start_forked(&spec).unwrap())
+                } else {
+                    Workflow::Cloned(spawn::spawn(&spec).unwrap())
+                };
+                let pid = workflow.id().unwrap();
+                // Leak it: a killed service does not clean up either.
+                std::mem::forget(workflow);
                 pid
             })
         })
@@ -252,18 +282,50 @@ mod tests {
     }
 
     #[test]
-    fn a_workflow_dies_with_its_parent_through_setpriv() {
-        match death_signal() {
-            DeathSignal::Setpriv(path) => dies_with_its_spawner(DeathSignal::Setpriv(path.clone())),
-            DeathSignal::PreExec => {
-                eprintln!("setpriv is not installed; covered by the pre_exec test")
-            }
-        }
+    fn a_cloned_workflow_dies_with_its_parent() {
+        dies_with_its_spawner(false);
     }
 
     #[test]
-    fn a_workflow_dies_with_its_parent_through_pre_exec() {
-        dies_with_its_spawner(DeathSignal::PreExec);
+    fn a_forked_workflow_dies_with_its_parent() {
+        dies_with_its_spawner(true);
+    }
+
+    #[tokio::test]
+    async fn exit_codes_signals_and_exec_errors_are_reported() {
+        let sh = resolve_program("sh").unwrap();
+        let log = tempfile::tempfile().unwrap();
+        let env: Vec<(OsString, OsString)> = vec![("X".into(), "from env".into())];
+        let run = |script: &str| {
+            let args = ["-c".to_owned(), script.to_owned()];
+            start(&sh, &args, &env, Path::new("/"), &log)
+        };
+        let mut w = run("exit 3").unwrap();
+        let pgid = w.id().unwrap();
+        assert_eq!(w.wait(pgid).await.unwrap(), Exit::Code(3));
+        let mut w = run("kill -USR1 $$").unwrap();
+        let pgid = w.id().unwrap();
+        assert_eq!(
+            w.wait(pgid).await.unwrap(),
+            Exit::Signal(Signal::SIGUSR1 as i32)
+        );
+        let mut w =
+            run("[ \"$X\" = 'from env' ] && [ -z \"$HOME\" ] && [ \"$(pwd)\" = / ]").unwrap();
+        let pgid = w.id().unwrap();
+        assert_eq!(
+            w.wait(pgid).await.unwrap(),
+            Exit::Code(0),
+            "env or cwd not as given"
+        );
+        let missing = start(
+            Path::new("/nonexistent/wf"),
+            &[],
+            &env,
+            Path::new("/"),
+            &log,
+        )
+        .unwrap_err();
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

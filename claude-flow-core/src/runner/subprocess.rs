@@ -1,12 +1,11 @@
 //! The workflow executable of CONTRACT section 4, run as a child process.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -15,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::output::{WorkflowOutput, scan_output};
 use super::process::{self, GroupGuard};
+use super::spawn::Exit;
 use super::{ExitKind, RunOutcome, WorkflowJob, WorkflowRunner};
 use crate::error::RunnerError;
 use crate::issue::Issue;
@@ -114,51 +114,58 @@ impl SubprocessRunner {
         })
     }
 
-    fn command(
-        &self,
-        job: &WorkflowJob,
-        p: &Prepared,
-    ) -> Result<tokio::process::Command, RunnerError> {
+    /// The workflow's environment: the service's own, without its settings
+    /// (which may hold the token, through CLAUDE_FLOW_GITHUB__TOKEN) and
+    /// tokens, plus `workflow.env`, the token when passed, and the
+    /// contract's variables, which win.
+    fn environment(&self, job: &WorkflowJob, p: &Prepared) -> Vec<(OsString, OsString)> {
         let s = &self.settings;
-        let (program, args) = s
+        let issue = &job.issue;
+        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+            .filter(|(name, _)| {
+                let n = name.to_string_lossy();
+                !(n.starts_with("CLAUDE_FLOW_") || n == "GITHUB_TOKEN" || n == "GH_TOKEN")
+            })
+            .collect();
+        let mut set = |k: &str, v: OsString| {
+            env.insert(k.into(), v);
+        };
+        for (k, v) in &s.env {
+            set(k, v.into());
+        }
+        if let Some(token) = &s.token {
+            set("GITHUB_TOKEN", token.expose().into());
+            set("GH_TOKEN", token.expose().into());
+        }
+        set("CLAUDE_FLOW_REPO", issue.key.repo.to_string().into());
+        set(
+            "CLAUDE_FLOW_ISSUE_NUMBER",
+            issue.key.number.to_string().into(),
+        );
+        set("CLAUDE_FLOW_ISSUE_TITLE", issue.title.clone().into());
+        set("CLAUDE_FLOW_ISSUE_URL", issue.html_url.clone().into());
+        set("CLAUDE_FLOW_ISSUE_BODY_FILE", p.body_file.clone().into());
+        set("CLAUDE_FLOW_ISSUE_JSON_FILE", p.json_file.clone().into());
+        set("CLAUDE_FLOW_BRANCH", issue.branch().into());
+        set("CLAUDE_FLOW_ATTEMPT", job.attempt.to_string().into());
+        set("CLAUDE_FLOW_WORKSPACE", p.workspace.clone().into());
+        set("CLAUDE_FLOW_RUN_ID", job.run_id.clone().into());
+        env.into_iter().collect()
+    }
+
+    fn start(&self, job: &WorkflowJob, p: &Prepared) -> Result<process::Workflow, RunnerError> {
+        let (program, args) = self
+            .settings
             .command
             .split_first()
             .ok_or_else(|| RunnerError::Other("workflow.command is empty".into()))?;
-        let issue = &job.issue;
-        let resolved = process::resolve_program(program).map_err(|source| RunnerError::Spawn {
+        let spawn_error = |source| RunnerError::Spawn {
             program: program.clone(),
             source,
-        })?;
-        let mut cmd = process::command(&resolved, args);
-        cmd.current_dir(&p.workspace)
-            .stdin(Stdio::null())
-            .stdout(p.log.try_clone().map_err(io_err(&p.log_path))?)
-            .stderr(p.log.try_clone().map_err(io_err(&p.log_path))?);
-        // The service's own settings (which may hold the token, through
-        // CLAUDE_FLOW_GITHUB__TOKEN) and tokens are not the workflow's.
-        for (name, _) in std::env::vars_os() {
-            let n = name.to_string_lossy();
-            if n.starts_with("CLAUDE_FLOW_") || n == "GITHUB_TOKEN" || n == "GH_TOKEN" {
-                cmd.env_remove(&name);
-            }
-        }
-        cmd.envs(&s.env);
-        if let Some(token) = &s.token {
-            cmd.env("GITHUB_TOKEN", token.expose())
-                .env("GH_TOKEN", token.expose());
-        }
-        cmd.env("CLAUDE_FLOW_REPO", issue.key.repo.to_string())
-            .env("CLAUDE_FLOW_ISSUE_NUMBER", issue.key.number.to_string())
-            .env("CLAUDE_FLOW_ISSUE_TITLE", &issue.title)
-            .env("CLAUDE_FLOW_ISSUE_URL", &issue.html_url)
-            .env("CLAUDE_FLOW_ISSUE_BODY_FILE", &p.body_file)
-            .env("CLAUDE_FLOW_ISSUE_JSON_FILE", &p.json_file)
-            .env("CLAUDE_FLOW_BRANCH", issue.branch())
-            .env("CLAUDE_FLOW_ATTEMPT", job.attempt.to_string())
-            .env("CLAUDE_FLOW_WORKSPACE", &p.workspace)
-            .env("CLAUDE_FLOW_RUN_ID", &job.run_id)
-            .kill_on_drop(false);
-        Ok(cmd)
+        };
+        let resolved = process::resolve_program(program).map_err(spawn_error)?;
+        let env = self.environment(job, p);
+        process::start(&resolved, args, &env, &p.workspace, &p.log).map_err(spawn_error)
     }
 }
 
@@ -220,13 +227,7 @@ impl WorkflowRunner for SubprocessRunner {
     ) -> Result<RunOutcome, RunnerError> {
         let started = Instant::now();
         let prepared = self.prepare(job)?;
-        let spawned = self.command(job, &prepared).and_then(|mut cmd| {
-            cmd.spawn().map_err(|source| RunnerError::Spawn {
-                program: self.settings.command.first().cloned().unwrap_or_default(),
-                source,
-            })
-        });
-        let mut child = match spawned {
+        let mut child = match self.start(job, &prepared) {
             Ok(child) => child,
             Err(e) => {
                 // The log is where an operator looks first.
@@ -243,33 +244,28 @@ impl WorkflowRunner for SubprocessRunner {
         let wait_error =
             |e: std::io::Error| RunnerError::Other(format!("waiting for the workflow: {e}"));
         let timeout = self.settings.timeout;
+        // Waiting also kills whatever the workflow left in its group.
         let finished = tokio::select! {
-            status = child.wait() => Ok(status.map_err(wait_error)?),
+            exit = child.wait(pgid) => Ok(exit.map_err(wait_error)?),
             () = cancel.cancelled() => Err(ExitKind::Cancelled),
             () = tokio::time::sleep(timeout) => Err(ExitKind::TimedOut(timeout)),
         };
-        let (status, stopped) = match finished {
-            Ok(status) => (status, None),
-            Err(kind) => {
+        let exit = match finished {
+            Ok(Exit::Code(code)) => ExitKind::Code(code),
+            Ok(Exit::Signal(signal)) => ExitKind::Signal(signal),
+            Err(stopped) => {
                 process::signal_group(pgid, Signal::SIGTERM);
-                let status = tokio::select! {
-                    status = child.wait() => status.map_err(wait_error)?,
+                tokio::select! {
+                    exit = child.wait(pgid) => { exit.map_err(wait_error)?; }
                     () = tokio::time::sleep(self.settings.kill_grace) => {
                         process::signal_group(pgid, Signal::SIGKILL);
-                        child.wait().await.map_err(wait_error)?
+                        child.wait(pgid).await.map_err(wait_error)?;
                     }
-                };
-                (status, Some(kind))
+                }
+                stopped
             }
         };
-        // Whatever the workflow left running in its group goes with it.
-        process::signal_group(pgid, Signal::SIGKILL);
         guard.disarm();
-        let exit = stopped.unwrap_or_else(|| match (status.code(), status.signal()) {
-            (Some(code), _) => ExitKind::Code(code),
-            (None, Some(signal)) => ExitKind::Signal(signal),
-            (None, None) => ExitKind::Code(-1),
-        });
         let scanned = scan_log(&prepared.log_path, &job.issue).await?;
         Ok(RunOutcome {
             exit,
