@@ -267,3 +267,42 @@ fn an_issue_removed_while_its_workflow_runs_is_cancelled() {
     assert_eq!(f.show(4)["status"], "cancelled");
     assert!(!alive(read_pid(&pid_file)));
 }
+
+#[test]
+fn logs_follow_streams_a_running_attempt_until_it_ends() {
+    let f = Fixture::new();
+    f.issue(5, "Chatty", "");
+    f.workflow(
+        r#"echo "first line"
+while [ ! -e ../../../../gate ]; do sleep 0.05; done
+echo "last line""#,
+    );
+    let mut service = f.cli_process(&["run", "--once"]).spawn().unwrap();
+    wait_for("the first line to be logged", || {
+        std::fs::read_to_string(f.log(5, 1)).is_ok_and(|l| l.contains("first line"))
+    });
+    let mut follow = f
+        .cli_process(&["logs", "5", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = follow.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    // The follower prints what is there before the attempt ends...
+    while !String::from_utf8_lossy(&seen).contains("first line") {
+        use std::io::Read;
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "logs --follow ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // ...then the rest, and ends by itself once the attempt is over.
+    std::fs::write(f.path("gate"), "").unwrap();
+    assert!(service.wait().unwrap().success());
+    {
+        use std::io::Read;
+        out.read_to_end(&mut seen).unwrap();
+    }
+    assert!(follow.wait().unwrap().success());
+    assert_eq!(String::from_utf8(seen).unwrap(), "first line\nlast line\n");
+}
