@@ -404,6 +404,7 @@ impl Orchestrator {
             hurry: Arc::clone(&self.hurry),
             mode,
             records: HashMap::new(),
+            waiting: HashSet::new(),
             running: HashMap::new(),
             eligible: HashSet::new(),
             once_set: None,
@@ -427,6 +428,10 @@ struct Engine {
     hurry: Arc<Notify>,
     mode: Mode,
     records: HashMap<IssueKey, IssueRecord>,
+    /// Keys of records that are queued or retrying: the only ones dispatch
+    /// and the wake-up timer look at, so that a loop turn does not cost a
+    /// scan of every settled issue ever seen.
+    waiting: HashSet<IssueKey>,
     running: HashMap<IssueKey, Running>,
     /// Keys the source said were ready at the last poll.
     eligible: HashSet<IssueKey>,
@@ -540,7 +545,7 @@ impl Engine {
                     .instrument(tracing::info_span!("issue", issue = %record.issue.key)),
                 );
             }
-            self.records.insert(record.issue.key.clone(), record);
+            self.set_record(record);
         }
         Ok(())
     }
@@ -606,7 +611,7 @@ impl Engine {
                     tracing::info!(issue = %key, title = %issue.title, "new issue");
                     let record = IssueRecord::new(issue);
                     changed.push(record.clone());
-                    self.records.insert(key, record);
+                    self.set_record(record);
                 }
                 Some(record) if record.status.is_settled() => {
                     if record.issue.trigger != issue.trigger {
@@ -624,6 +629,9 @@ impl Engine {
                     }
                 }
             }
+        }
+        for record in &changed {
+            self.note(record.key());
         }
         put_all(&self.shared.store, changed).await?;
         Ok(())
@@ -675,8 +683,9 @@ impl Engine {
             return;
         }
         let mut due: Vec<(SystemTime, IssueKey)> = self
-            .records
-            .values()
+            .waiting
+            .iter()
+            .filter_map(|k| self.records.get(k))
             .filter(|r| self.eligible.contains(r.key()) && !self.running.contains_key(r.key()))
             .filter(|r| self.once_set.as_ref().is_none_or(|s| s.contains(r.key())))
             .filter_map(|r| match r.status {
@@ -728,6 +737,7 @@ impl Engine {
             Arc::clone(&running.reason),
         );
         self.running.insert(key.clone(), running);
+        self.waiting.remove(&key);
         self.publish_running();
         self.tasks
             .spawn(async move { (key, TaskKind::Attempt, task.await) }.instrument(span));
@@ -787,7 +797,27 @@ impl Engine {
                 owed.remove(&key);
             }
         }
-        self.records.insert(key, record);
+        self.set_record(record);
+    }
+
+    /// Stores a record in memory and keeps `waiting` in step with it.
+    fn set_record(&mut self, record: IssueRecord) {
+        let key = record.key().clone();
+        self.records.insert(key.clone(), record);
+        self.note(&key);
+    }
+
+    /// Brings `waiting` in step with the record of `key` after a change.
+    fn note(&mut self, key: &IssueKey) {
+        let waits = self
+            .records
+            .get(key)
+            .is_some_and(|r| matches!(r.status, IssueStatus::Queued | IssueStatus::Retrying));
+        if waits {
+            self.waiting.insert(key.clone());
+        } else {
+            self.waiting.remove(key);
+        }
     }
 
     /// Publishes who is running (status and gauge) after a change.
@@ -830,7 +860,7 @@ impl Engine {
         if let Ok(record) = &result
             && !self.running.contains_key(&key)
         {
-            self.records.insert(key, record.clone());
+            self.set_record(record.clone());
         }
         let _ = reply.send(result);
     }
@@ -864,7 +894,7 @@ impl Engine {
         } else if let Some(paused) = self.paused_until {
             wake = wake.min(until(paused));
         } else {
-            for record in self.records.values() {
+            for record in self.waiting.iter().filter_map(|k| self.records.get(k)) {
                 if record.status == IssueStatus::Retrying
                     && let Some(t) = record.next_retry_at
                 {
