@@ -521,7 +521,23 @@ fn apply_env(
         if !rest.contains("__") && rest != "SOURCE" {
             continue;
         }
-        let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+        let raw_path: Vec<&str> = rest.split("__").collect();
+        // Keys are case-insensitive, but the names in workflow.env are
+        // environment variables, whose case matters.
+        let in_env_map = raw_path.len() > 2
+            && raw_path[0].eq_ignore_ascii_case("workflow")
+            && raw_path[1].eq_ignore_ascii_case("env");
+        let path: Vec<String> = raw_path
+            .iter()
+            .enumerate()
+            .map(|(i, part)| {
+                if in_env_map && i >= 2 {
+                    (*part).to_owned()
+                } else {
+                    part.to_lowercase()
+                }
+            })
+            .collect();
         let dotted = path.join(".");
         let key_name = format!("{dotted} (from {name})");
         let parsed = if raw.trim_start().starts_with(['[', '{']) {
@@ -747,6 +763,22 @@ mod tests {
         assert_eq!(c.github.labels.done, "shipped");
         assert_eq!(c.service.poll_interval, Duration::from_secs(90));
         assert_eq!(c.github.repos, ["a/b".parse::<RepoId>().unwrap()]);
+    }
+
+    #[test]
+    fn workflow_env_names_keep_their_case_in_overrides() {
+        let c = parse(
+            MINIMAL,
+            &[("CLAUDE_FLOW_WORKFLOW__ENV__CLAUDE_FLOW_AGENT_MODEL", "opus")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.workflow
+                .env
+                .get("CLAUDE_FLOW_AGENT_MODEL")
+                .map(String::as_str),
+            Some("opus")
+        );
     }
 
     #[test]
