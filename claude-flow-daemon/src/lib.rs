@@ -1,0 +1,3 @@
+//! The claude-flow service as a library, so tests and embedders run it in-process.
+
+pub mod http;
