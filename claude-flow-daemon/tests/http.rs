@@ -338,3 +338,45 @@ async fn duplicate_deliveries_racing_a_poll_start_one_attempt() {
     assert_eq!(record.attempts.len(), 1);
     assert_eq!(record.round, 1);
 }
+
+#[tokio::test]
+async fn the_clis_api_client_reads_what_the_server_writes() {
+    use claude_flow_core::api::{ApiClient, ApiError};
+    let mut options = Options::new(counted([issue(1)]));
+    options.behaviour = |_| Behaviour::Hold;
+    let mut service = Service::start(options).await;
+    service
+        .wait_status("a running workflow", |s| s.running.len() == 1)
+        .await;
+    let client = ApiClient::for_listen(service.base.trim_start_matches("http://")).unwrap();
+    let health = client.health().await.unwrap();
+    assert!(health.is_ok());
+    assert_eq!(health.running, vec!["acme/widgets#1".to_owned()]);
+    assert_eq!(health.last_poll.unwrap().ready, Some(1));
+    let issues = client.issues().await.unwrap();
+    assert_eq!(issues.len(), 1);
+    assert_eq!(issues[0].status, IssueStatus::Running);
+    match client.retry(&key(1)).await {
+        Err(ApiError::Status {
+            status: 409,
+            message,
+            ..
+        }) => assert_eq!(message, "acme/widgets#1 is running now"),
+        other => panic!("expected a 409, got {other:?}"),
+    }
+    assert!(matches!(
+        client.retry(&key(2)).await,
+        Err(ApiError::Status { status: 404, .. })
+    ));
+    let cancelled = client.cancel(&key(1)).await.unwrap();
+    assert_eq!(cancelled.issue, "acme/widgets#1");
+    service
+        .wait_record("#1 cancelled", 1, |r| r.status == IssueStatus::Cancelled)
+        .await;
+    service.stop_engine().await;
+    service.stop_server().await;
+    assert!(matches!(
+        client.health().await,
+        Err(ApiError::Unreachable { .. })
+    ));
+}
