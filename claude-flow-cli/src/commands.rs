@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use clap::CommandFactory;
+use claude_flow_core::api::{ApiClient, ApiError, Health};
 use claude_flow_core::config::Config;
 use claude_flow_core::{
     Error, FileStore, IssueKey, IssueRecord, IssueStatus, StateStore, StoreError, app, logging,
@@ -155,6 +156,16 @@ async fn status(config: &Config, json: bool) -> Result<(), Failure> {
     let store = read_store(config)?;
     let records = store.load().await?;
     let holder = FileStore::lock_holder(&config.service.state_dir);
+    // The running service's own view, when it has an HTTP API.
+    let daemon = match holder {
+        Some(_) if !config.service.listen.is_empty() => {
+            Some(match ApiClient::for_listen(&config.service.listen) {
+                Ok(client) => client.health().await,
+                Err(e) => Err(e),
+            })
+        }
+        _ => None,
+    };
     let count = |s: IssueStatus| records.iter().filter(|r| r.status == s).count();
     let statuses = [
         IssueStatus::Queued,
@@ -169,8 +180,13 @@ async fn status(config: &Config, json: bool) -> Result<(), Failure> {
             .iter()
             .map(|s| (s.as_str().to_owned(), json!(count(*s))))
             .collect();
+        let health = match &daemon {
+            Some(Ok(health)) => serde_json::to_value(health).unwrap_or_default(),
+            Some(Err(e)) => json!({ "error": e.to_string() }),
+            None => serde_json::Value::Null,
+        };
         print_json(&json!({
-            "service": { "running": holder.is_some(), "pid": holder },
+            "service": { "running": holder.is_some(), "pid": holder, "health": health },
             "state_dir": config.service.state_dir,
             "issues": counts,
         }));
@@ -179,19 +195,68 @@ async fn status(config: &Config, json: bool) -> Result<(), Failure> {
             Some(pid) => println!("service: running (pid {pid})"),
             None => println!("service: not running"),
         }
+        if let Some(Ok(health)) = &daemon {
+            print_health(health);
+        }
         println!("state:   {}", config.service.state_dir.display());
         for s in statuses {
             println!("{:<10} {}", format!("{s}:"), count(s));
         }
     }
-    Ok(())
+    match (daemon, holder) {
+        (Some(Err(e)), Some(pid)) => Err(api_failure(pid, e)),
+        _ => Ok(()),
+    }
+}
+
+fn print_health(health: &Health) {
+    match &health.reason {
+        None => println!("health:  {}", health.status),
+        Some(reason) => println!("health:  {} ({reason})", health.status),
+    }
+    match &health.last_poll {
+        Some(poll) => {
+            let outcome = match (&poll.error, poll.ready) {
+                (Some(e), _) => format!("failed: {e}"),
+                (None, Some(n)) => format!("ok, {n} ready"),
+                (None, None) => "ok".to_owned(),
+            };
+            println!("polled:  {} ({outcome})", rfc3339(poll.at));
+        }
+        None => println!("polled:  not yet"),
+    }
+    if health.running.is_empty() {
+        println!("working: nothing");
+    } else {
+        println!("working: {}", health.running.join(", "));
+    }
+    if let Some(until) = health.paused_until {
+        println!("paused:  until {} (workflow quota)", rfc3339(until));
+    }
+}
+
+/// A failed call to a running service's API; an unreachable API is
+/// explained, since the service itself is known to be running.
+fn api_failure(pid: u32, e: ApiError) -> Failure {
+    match e {
+        ApiError::Unreachable { .. } => Failure {
+            message: format!(
+                "the service is running (pid {pid}) but does not answer: {e} \
+                 (is service.listen the service's address? `claude-flow run` has no HTTP API)"
+            ),
+            code: 1,
+        },
+        e => Error::from(e).into(),
+    }
 }
 
 async fn list(config: &Config, json: bool) -> Result<(), Failure> {
     let store = read_store(config)?;
     let records = store.load().await?;
     if json {
-        print_json(&json!(records.iter().map(summary).collect::<Vec<_>>()));
+        print_json(&json!(
+            records.iter().map(IssueRecord::summary).collect::<Vec<_>>()
+        ));
         return Ok(());
     }
     if records.is_empty() {
@@ -219,22 +284,6 @@ async fn list(config: &Config, json: bool) -> Result<(), Failure> {
         );
     }
     Ok(())
-}
-
-fn summary(r: &IssueRecord) -> serde_json::Value {
-    json!({
-        "issue": r.key().to_string(),
-        "repo": r.key().repo.to_string(),
-        "number": r.key().number,
-        "title": r.issue.title,
-        "status": r.status.as_str(),
-        "round": r.round,
-        "attempts": r.attempts.iter().filter(|a| a.round == r.round).count(),
-        "pr_url": r.pr_url,
-        "next_retry_at": r.next_retry_at.map(rfc3339),
-        "last_error": r.last_error,
-        "updated_at": rfc3339(r.updated_at),
-    })
 }
 
 async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Failure> {
@@ -373,12 +422,35 @@ enum Change {
 
 async fn change(config: &Config, arg: &IssueArg, change: Change) -> Result<(), Failure> {
     let key = issue_key(config, arg)?;
+    // A running service owns the state: ask it, through its API.
+    if let Some(pid) = FileStore::lock_holder(&config.service.state_dir)
+        && !config.service.listen.is_empty()
+    {
+        let client = ApiClient::for_listen(&config.service.listen).map_err(Error::from)?;
+        let summary = match change {
+            Change::Retry => client.retry(&key).await,
+            Change::Cancel => client.cancel(&key).await,
+        }
+        .map_err(|e| api_failure(pid, e))?;
+        if matches!(change, Change::Cancel) && summary.status == IssueStatus::Running {
+            println!(
+                "{}: stopping the running workflow; the issue settles as cancelled",
+                summary.issue
+            );
+        } else {
+            println!(
+                "{}: {} (round {})",
+                summary.issue, summary.status, summary.round
+            );
+        }
+        return Ok(());
+    }
     let store = match FileStore::open(&config.service.state_dir) {
         Ok(store) => store,
         Err(StoreError::Locked { pid, .. }) => {
             return Err(Failure {
                 message: format!(
-                    "the service is running{} and holds the state; stop it first, or use its HTTP API",
+                    "the service is running{} and holds the state, and its HTTP API is off (service.listen is empty); stop it first",
                     pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
                 ),
                 code: 75,

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
+use crate::issue::IssueKey;
+
 /// An error from an [`IssueSource`](crate::IssueSource).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -195,7 +197,21 @@ pub enum Error {
     /// Runner failure.
     #[error(transparent)]
     Runner(#[from] RunnerError),
-    /// Anything else, such as an issue the store does not know.
+    /// The issue is not known to the state store.
+    #[error("{0} is not known to the state store")]
+    UnknownIssue(IssueKey),
+    /// What was asked conflicts with where the issue stands, such as
+    /// retrying a running issue or cancelling a settled one.
+    #[error("{0}")]
+    Conflict(String),
+    /// The orchestrator is not running (or is stopping), so it cannot take
+    /// an operator's command.
+    #[error("{0}")]
+    NotRunning(String),
+    /// The service's HTTP API failed or could not be reached.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+    /// Anything else.
     #[error("{0}")]
     Other(String),
 }

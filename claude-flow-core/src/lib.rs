@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod app;
 pub mod config;
 mod error;
@@ -23,7 +24,7 @@ pub use issue_source::{
     SuccessReport,
 };
 pub use orchestrator::{Orchestrator, OrchestratorBuilder, PollResult, Settings, Status, Summary};
-pub use record::{Attempt, AttemptOutcome, IssueRecord, IssueStatus, Reports};
+pub use record::{Attempt, AttemptOutcome, IssueRecord, IssueStatus, IssueSummary, Reports};
 pub use runner::{ExitKind, FnRunner, RunOutcome, SubprocessRunner, WorkflowJob, WorkflowRunner};
 pub use secret::Secret;
 pub use state::{FileStore, StateStore};

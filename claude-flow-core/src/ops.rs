@@ -32,7 +32,7 @@ pub async fn retry(store: &dyn StateStore, key: &IssueKey) -> Result<IssueRecord
     let mut record = known(store, key).await?;
     match record.status {
         IssueStatus::Running => {
-            return Err(Error::Other(format!("{key} is running now")));
+            return Err(Error::Conflict(format!("{key} is running now")));
         }
         status if status.is_settled() => record.start_new_round(),
         _ => {
@@ -51,12 +51,12 @@ pub async fn cancel(store: &dyn StateStore, key: &IssueKey) -> Result<IssueRecor
     let mut record = known(store, key).await?;
     match record.status {
         IssueStatus::Running => {
-            return Err(Error::Other(format!(
+            return Err(Error::Conflict(format!(
                 "{key} is running; cancel it through the running service"
             )));
         }
         status if status.is_settled() => {
-            return Err(Error::Other(format!("{key} is already {status}")));
+            return Err(Error::Conflict(format!("{key} is already {status}")));
         }
         _ => {
             record.status = IssueStatus::Cancelled;
@@ -72,7 +72,7 @@ async fn known(store: &dyn StateStore, key: &IssueKey) -> Result<IssueRecord, Er
     store
         .get(key)
         .await?
-        .ok_or_else(|| Error::Other(format!("{key} is not known to the state store")))
+        .ok_or_else(|| Error::UnknownIssue(key.clone()))
 }
 
 #[cfg(test)]
@@ -105,6 +105,14 @@ mod tests {
         assert_eq!((after.status, after.round), (IssueStatus::Queued, 2));
         assert_eq!(store.get(&key).await.unwrap(), Some(after));
         let missing: IssueKey = "o/r#2".parse().unwrap();
-        assert!(retry(&store, &missing).await.is_err());
+        assert!(matches!(
+            retry(&store, &missing).await,
+            Err(Error::UnknownIssue(k)) if k == missing
+        ));
+        assert!(cancel(&store, &key).await.is_ok());
+        assert!(matches!(
+            cancel(&store, &key).await,
+            Err(Error::Conflict(_))
+        ));
     }
 }

@@ -349,7 +349,7 @@ impl Orchestrator {
         &self,
         make: impl FnOnce(oneshot::Sender<Result<IssueRecord, Error>>) -> Command,
     ) -> Result<IssueRecord, Error> {
-        let not_running = || Error::Other("the orchestrator is not running".into());
+        let not_running = || Error::NotRunning("the orchestrator is not running".into());
         if !self.engine_running.load(Ordering::SeqCst) {
             return Err(not_running());
         }
@@ -388,7 +388,9 @@ impl Orchestrator {
         inbox.close();
         while let Ok(command) = inbox.try_recv() {
             let (Command::Retry(_, reply) | Command::Cancel(_, reply)) = command;
-            let _ = reply.send(Err(Error::Other("the orchestrator is stopping".into())));
+            let _ = reply.send(Err(Error::NotRunning(
+                "the orchestrator is stopping".into(),
+            )));
         }
         *self.inbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(inbox);
         result
@@ -839,7 +841,7 @@ impl Engine {
         let (key, reply, result) = match command {
             Command::Retry(key, reply) => {
                 let result = if self.running.contains_key(&key) {
-                    Err(Error::Other(format!("{key} is running now")))
+                    Err(Error::Conflict(format!("{key} is running now")))
                 } else {
                     crate::ops::retry(&*store, &key).await
                 };

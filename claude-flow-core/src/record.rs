@@ -231,6 +231,99 @@ impl IssueRecord {
     }
 }
 
+/// One line about an issue, as `claude-flow list --json` and the service's
+/// `GET /api/issues` print it: the same fields and format in both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueSummary {
+    /// `owner/name#n`.
+    pub issue: String,
+    /// `owner/name`.
+    pub repo: String,
+    /// The issue number.
+    pub number: u64,
+    /// The title, verbatim.
+    pub title: String,
+    /// Where it stands.
+    pub status: IssueStatus,
+    /// The current round.
+    pub round: u32,
+    /// Attempts of the current round.
+    pub attempts: usize,
+    /// The pull request of the current round.
+    pub pr_url: Option<String>,
+    /// When the next attempt may start, RFC 3339 to the second.
+    #[serde(with = "rfc3339_seconds::option")]
+    pub next_retry_at: Option<SystemTime>,
+    /// The last failure, in words.
+    pub last_error: Option<String>,
+    /// Last change, RFC 3339 to the second.
+    #[serde(with = "rfc3339_seconds")]
+    pub updated_at: SystemTime,
+}
+
+impl IssueRecord {
+    /// The record in one line: what listings show.
+    pub fn summary(&self) -> IssueSummary {
+        IssueSummary {
+            issue: self.key().to_string(),
+            repo: self.key().repo.to_string(),
+            number: self.key().number,
+            title: self.issue.title.clone(),
+            status: self.status,
+            round: self.round,
+            attempts: self
+                .attempts
+                .iter()
+                .filter(|a| a.round == self.round)
+                .count(),
+            pr_url: self.pr_url.clone(),
+            next_retry_at: self.next_retry_at,
+            last_error: self.last_error.clone(),
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+/// Times as people read them in listings: RFC 3339, whole seconds, UTC.
+mod rfc3339_seconds {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_seconds(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use std::time::SystemTime;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => super::serialize(t, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<SystemTime>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                Some(text) => humantime::parse_rfc3339_weak(&text)
+                    .map(Some)
+                    .map_err(serde::de::Error::custom),
+                None => Ok(None),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +364,26 @@ mod tests {
         r.start_new_round();
         assert_eq!(r.failures_this_round(), 0);
         assert_eq!(r.next_attempt_number(), 4);
+    }
+
+    #[test]
+    fn summaries_print_whole_seconds_and_read_back() {
+        let key = IssueKey::new("o/r".parse().unwrap(), 7);
+        let mut r = IssueRecord::new(Issue::new(key, "t"));
+        r.attempts.push(attempt(1, 1, AttemptOutcome::Succeeded));
+        r.start_new_round();
+        r.updated_at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_500);
+        let json = serde_json::to_value(r.summary()).unwrap();
+        assert_eq!(json["issue"], "o/r#7");
+        assert_eq!(json["status"], "queued");
+        assert_eq!(json["attempts"], 0);
+        assert_eq!(json["updated_at"], "1970-01-01T00:00:01Z");
+        assert_eq!(json["next_retry_at"], serde_json::Value::Null);
+        let back: IssueSummary = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            back.updated_at,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1)
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 mod daemon;
+pub mod http;
 mod pid_file;
 pub mod signals;
 

@@ -18,7 +18,10 @@ use crate::error::SourceError;
 use crate::issue::Issue;
 use crate::record::Reports;
 
-pub use github::{API_VERSION as GITHUB_API_VERSION, GithubSettings, GithubSource};
+pub use github::{
+    API_VERSION as GITHUB_API_VERSION, GithubSettings, GithubSource, IssueChange, WebhookEvent,
+    parse_webhook as parse_github_webhook,
+};
 pub use local::LocalSource;
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::{MemorySource, Reported};

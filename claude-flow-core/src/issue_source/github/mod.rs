@@ -9,6 +9,7 @@
 //! - `trust`: who applied the trigger label and whether that counts.
 //! - `report`: the status comment's text.
 //! - `rate_limit`: reading GitHub's limits and deciding how long to wait.
+//! - `webhook`: webhook deliveries, converted to [`WebhookEvent`].
 //!
 //! Cost of a poll: one conditional request per page of labeled open issues
 //! per repository, which is a free 304 when nothing changed. An issue's
@@ -20,6 +21,7 @@ mod client;
 mod rate_limit;
 mod report;
 mod trust;
+mod webhook;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -38,6 +40,7 @@ use crate::record::Reports;
 use crate::secret::Secret;
 
 pub use client::{API_VERSION, GithubSettings};
+pub use webhook::{IssueChange, WebhookEvent, parse_webhook};
 
 /// `Reports::memo` keys. The memo is persisted with the issue's record,
 /// so that a report repeated after a crash does not act twice.

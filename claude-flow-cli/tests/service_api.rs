@@ -1,0 +1,249 @@
+//! `claude-flow status`, `retry` and `cancel` while a service runs: they go
+//! through its HTTP API, here a recording stand-in, since the running
+//! service owns the state.
+
+#![allow(clippy::unwrap_used)] // a panic in a test is a failed assertion
+
+mod common;
+
+use common::Fixture;
+use serde_json::{Value, json};
+use wiremock::matchers::{any, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// A fixture whose state directory says a service runs (this test's own
+/// PID is alive), with `service.listen` set to `listen`.
+fn with_running_service(listen: &str) -> Fixture {
+    let fixture = Fixture::new();
+    fixture.config(json!({"service": {"listen": listen}}));
+    std::fs::create_dir_all(fixture.path("state")).unwrap();
+    std::fs::write(fixture.path("state/lock"), std::process::id().to_string()).unwrap();
+    fixture
+}
+
+/// A stand-in for the service that fails the test on any request it was
+/// not told to expect.
+async fn fake_service() -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(500).set_body_string("unexpected request"))
+        .with_priority(u8::MAX)
+        .named("catch-all: a request the test did not expect")
+        .expect(0)
+        .mount(&server)
+        .await;
+    server
+}
+
+fn listen_of(server: &MockServer) -> String {
+    server.address().to_string()
+}
+
+fn summary(status: &str, round: u32) -> Value {
+    json!({
+        "issue": "local/issues#1", "repo": "local/issues", "number": 1,
+        "title": "Fix it", "status": status, "round": round, "attempts": 0,
+        "pr_url": null, "next_retry_at": null, "last_error": null,
+        "updated_at": "2026-11-21T10:00:00Z",
+    })
+}
+
+/// Runs `claude-flow <args>` off the runtime's threads (the stand-in
+/// answers on them).
+async fn cli(fixture: &Fixture, args: &[&str]) -> std::process::Output {
+    let mut cmd = fixture.cli_process(args);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_and_cancel_ask_the_running_service() {
+    let server = fake_service().await;
+    Mock::given(method("POST"))
+        .and(path("/api/issues/local/issues/1/retry"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(summary("queued", 2)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/issues/local/issues/1/cancel"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(summary("running", 1)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/issues/local/issues/2/cancel"))
+        .respond_with(
+            ResponseTemplate::new(409)
+                .set_body_json(json!({"error": "local/issues#2 is already done"})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let fixture = with_running_service(&listen_of(&server));
+
+    let out = cli(&fixture, &["retry", "1"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "local/issues#1: queued (round 2)\n"
+    );
+
+    let out = cli(&fixture, &["cancel", "1"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stopping the running workflow"));
+
+    let out = cli(&fixture, &["cancel", "2"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("local/issues#2 is already done") && stderr.contains("HTTP 409"),
+        "{stderr}"
+    );
+    // The state store was not touched: the service owns it.
+    assert!(!fixture.path("state/state.jsonl").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_adds_the_running_services_view() {
+    let server = fake_service().await;
+    Mock::given(method("GET"))
+        .and(path("/healthz"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "status": "ok",
+            "version": "0.1.0",
+            "last_poll": {"at": "2026-11-21T10:00:00Z", "duration": "12ms", "ready": 1, "error": null},
+            "consecutive_poll_failures": 0,
+            "running": ["local/issues#1"],
+            "running_count": 1,
+            "paused_until": "2026-11-21T11:00:00Z",
+            "stopping": false,
+        })))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let fixture = with_running_service(&listen_of(&server));
+
+    let out = cli(&fixture, &["status"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("service: running (pid {})", std::process::id())),
+        "{text}"
+    );
+    assert!(text.contains("health:  ok"), "{text}");
+    assert!(
+        text.contains("polled:  2026-11-21T10:00:00Z (ok, 1 ready)"),
+        "{text}"
+    );
+    assert!(text.contains("working: local/issues#1"), "{text}");
+    assert!(
+        text.contains("paused:  until 2026-11-21T11:00:00Z"),
+        "{text}"
+    );
+
+    let out = cli(&fixture, &["status", "--json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["service"]["running"], true);
+    assert_eq!(
+        status["service"]["health"]["running"],
+        json!(["local/issues#1"])
+    );
+    assert_eq!(status["service"]["health"]["status"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_an_unhealthy_service() {
+    let server = fake_service().await;
+    Mock::given(method("GET"))
+        .and(path("/healthz"))
+        .respond_with(ResponseTemplate::new(503).set_body_json(json!({
+            "status": "unavailable",
+            "reason": "the last 3 polls failed; the last one: HTTP 502",
+            "version": "0.1.0",
+            "last_poll": {"at": "2026-11-21T10:00:00Z", "duration": "1s", "ready": null, "error": "HTTP 502"},
+            "consecutive_poll_failures": 3,
+            "running": [],
+            "running_count": 0,
+            "paused_until": null,
+            "stopping": false,
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let fixture = with_running_service(&listen_of(&server));
+    let out = cli(&fixture, &["status"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("health:  unavailable (the last 3 polls failed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("polled:  2026-11-21T10:00:00Z (failed: HTTP 502)"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_api_of_a_running_service_is_an_error() {
+    // A port nobody listens on.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let fixture = with_running_service(&format!("127.0.0.1:{port}"));
+    for args in [&["retry", "1"][..], &["cancel", "1"], &["status"]] {
+        let out = cli(&fixture, args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("the service is running")
+                && stderr.contains(&format!(
+                    "cannot reach the service's HTTP API at http://127.0.0.1:{port}/"
+                )),
+            "{args:?}: {stderr}"
+        );
+    }
+    // status still says what it knows.
+    let out = cli(&fixture, &["status"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("service: running"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_running_service_the_state_store_is_used() {
+    // A lock file naming a dead process: no service runs.
+    let fixture = Fixture::new();
+    fixture.config(json!({"service": {"listen": "127.0.0.1:9"}}));
+    std::fs::create_dir_all(fixture.path("state")).unwrap();
+    std::fs::write(fixture.path("state/lock"), "999999999").unwrap();
+    let out = cli(&fixture, &["retry", "1"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("local/issues#1 is not known to the state store"),
+        "{stderr}"
+    );
+}

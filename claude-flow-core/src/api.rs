@@ -1,0 +1,320 @@
+//! The service's HTTP API as both sides see it: the JSON bodies, which the
+//! daemon serves and the CLI reads, and [`ApiClient`], with which
+//! `claude-flow status`, `retry` and `cancel` talk to a running service.
+//!
+//! Endpoints (CONTRACT section 6): `GET /healthz` ([`Health`], 200 or 503),
+//! `GET /metrics`, `GET /api/issues` (a list of [`IssueSummary`]),
+//! `POST /api/issues/<owner>/<repo>/<n>/retry|cancel` (an [`IssueSummary`]),
+//! `POST /webhook`. Errors come as [`ErrorBody`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::issue::IssueKey;
+use crate::orchestrator::PollResult;
+use crate::record::IssueSummary;
+
+/// `GET /healthz`: whether the service is healthy, and what it is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` (HTTP 200) or `unavailable` (HTTP 503, with a `reason`).
+    pub status: String,
+    /// Why the service is unavailable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The service's version.
+    pub version: String,
+    /// The last poll, once there was one.
+    pub last_poll: Option<PollReport>,
+    /// Polls that failed in a row.
+    #[serde(default)]
+    pub consecutive_poll_failures: u32,
+    /// Issues with a running workflow, as `owner/name#n`.
+    pub running: Vec<String>,
+    /// How many workflows run.
+    pub running_count: usize,
+    /// No workflow starts before this (a quota pause).
+    #[serde(default, with = "humantime_serde")]
+    pub paused_until: Option<SystemTime>,
+    /// A graceful stop is under way.
+    pub stopping: bool,
+}
+
+impl Health {
+    /// What [`Health::status`] says when all is well.
+    pub const OK: &str = "ok";
+    /// What [`Health::status`] says otherwise.
+    pub const UNAVAILABLE: &str = "unavailable";
+
+    /// Whether the service said it is healthy.
+    pub fn is_ok(&self) -> bool {
+        self.status == Self::OK
+    }
+}
+
+/// How the last poll went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollReport {
+    /// When it ended (RFC 3339).
+    #[serde(with = "humantime_serde")]
+    pub at: SystemTime,
+    /// How long it took (`1s 250ms`).
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Issues found ready, when it succeeded.
+    pub ready: Option<usize>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+}
+
+impl From<&PollResult> for PollReport {
+    fn from(p: &PollResult) -> Self {
+        Self {
+            at: p.at,
+            duration: p.duration,
+            ready: p.ready,
+            error: p.error.clone(),
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+}
+
+/// A failed call to the service's API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// `service.listen` names no address a client can connect to.
+    #[error("service.listen: {listen:?} is not an address the HTTP API can be reached at")]
+    BadAddress {
+        /// The configured value.
+        listen: String,
+    },
+    /// Nothing answered (refused, timed out, reset).
+    #[error("cannot reach the service's HTTP API at {url}: {message}")]
+    Unreachable {
+        /// What was asked.
+        url: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// The service answered with an error status.
+    #[error("{message} (HTTP {status} from {url})")]
+    Status {
+        /// What was asked.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The service's own message.
+        message: String,
+    },
+    /// The answer was not what the API promises.
+    #[error("{url}: unexpected answer: {message}")]
+    Invalid {
+        /// What was asked.
+        url: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// A client of a running service's HTTP API.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: reqwest::Url,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// A client for a service listening on `listen` (`service.listen`). A
+    /// wildcard address (`0.0.0.0`, `[::]`) is reached over loopback.
+    pub fn for_listen(listen: &str) -> Result<Self, ApiError> {
+        let bad = || ApiError::BadAddress {
+            listen: listen.to_owned(),
+        };
+        let authority = match listen.parse::<SocketAddr>() {
+            Ok(mut addr) => {
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(match addr.ip() {
+                        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                    });
+                }
+                addr.to_string()
+            }
+            // A host name, such as `localhost:8787`.
+            Err(_) => listen.to_owned(),
+        };
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+            return Err(bad());
+        }
+        let base = reqwest::Url::parse(&format!("http://{authority}/")).map_err(|_| bad())?;
+        let http = reqwest::Client::builder()
+            // The service is local or on the operator's network: a proxy
+            // from the environment would only be in the way.
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ApiError::Unreachable {
+                url: base.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Self { base, http })
+    }
+
+    /// The API's base URL, `http://<listen>/`.
+    pub fn base_url(&self) -> &str {
+        self.base.as_str()
+    }
+
+    /// `GET /healthz`: the service's view of itself, healthy (200) or not (503).
+    pub async fn health(&self) -> Result<Health, ApiError> {
+        let url = self.url(&["healthz"]);
+        let response = self.send(self.http.get(url.clone()), &url).await?;
+        let status = response.status();
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            return read_json(response, &url).await;
+        }
+        expect_success(response, &url).await
+    }
+
+    /// `GET /api/issues`: every issue the service knows.
+    pub async fn issues(&self) -> Result<Vec<IssueSummary>, ApiError> {
+        let url = self.url(&["api", "issues"]);
+        let response = self.send(self.http.get(url.clone()), &url).await?;
+        expect_success(response, &url).await
+    }
+
+    /// `POST /api/issues/<owner>/<repo>/<n>/retry`.
+    pub async fn retry(&self, key: &IssueKey) -> Result<IssueSummary, ApiError> {
+        self.issue_command(key, "retry").await
+    }
+
+    /// `POST /api/issues/<owner>/<repo>/<n>/cancel`.
+    pub async fn cancel(&self, key: &IssueKey) -> Result<IssueSummary, ApiError> {
+        self.issue_command(key, "cancel").await
+    }
+
+    async fn issue_command(&self, key: &IssueKey, verb: &str) -> Result<IssueSummary, ApiError> {
+        let number = key.number.to_string();
+        let url = self.url(&[
+            "api",
+            "issues",
+            key.repo.owner(),
+            key.repo.name(),
+            &number,
+            verb,
+        ]);
+        let response = self.send(self.http.post(url.clone()), &url).await?;
+        expect_success(response, &url).await
+    }
+
+    /// The base URL with these path segments, each percent-encoded.
+    fn url(&self, segments: &[&str]) -> reqwest::Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.clear().extend(segments);
+        }
+        url
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &reqwest::Url,
+    ) -> Result<reqwest::Response, ApiError> {
+        request.send().await.map_err(|e| ApiError::Unreachable {
+            url: url.to_string(),
+            message: error_chain(&e),
+        })
+    }
+}
+
+async fn expect_success<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+    url: &reqwest::Url,
+) -> Result<T, ApiError> {
+    let status = response.status();
+    if status.is_success() {
+        return read_json(response, url).await;
+    }
+    let text = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<ErrorBody>(&text)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| {
+            let text = text.trim();
+            if text.is_empty() {
+                status.canonical_reason().unwrap_or("error").to_owned()
+            } else {
+                text.chars().take(500).collect()
+            }
+        });
+    Err(ApiError::Status {
+        url: url.to_string(),
+        status: status.as_u16(),
+        message,
+    })
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+    url: &reqwest::Url,
+) -> Result<T, ApiError> {
+    let bytes = response.bytes().await.map_err(|e| ApiError::Unreachable {
+        url: url.to_string(),
+        message: error_chain(&e),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::Invalid {
+        url: url.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// What went wrong, in short: reqwest's own message repeats the URL, and
+/// its deepest cause ("Connection refused") is what a person needs.
+fn error_chain(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".to_owned();
+    }
+    let mut deepest: &dyn std::error::Error = e;
+    while let Some(cause) = deepest.source() {
+        deepest = cause;
+    }
+    deepest.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_listen_addresses_are_reached_over_loopback() {
+        let url = |l: &str| ApiClient::for_listen(l).map(|c| c.base_url().to_owned());
+        assert_eq!(url("127.0.0.1:8787").unwrap(), "http://127.0.0.1:8787/");
+        assert_eq!(url("0.0.0.0:80").unwrap(), "http://127.0.0.1/");
+        assert_eq!(url("[::]:9000").unwrap(), "http://[::1]:9000/");
+        assert_eq!(url("localhost:8787").unwrap(), "http://localhost:8787/");
+        assert!(matches!(url(""), Err(ApiError::BadAddress { .. })));
+        assert!(matches!(url("a/b"), Err(ApiError::BadAddress { .. })));
+    }
+
+    #[test]
+    fn issue_paths_are_percent_encoded() {
+        let client = ApiClient::for_listen("127.0.0.1:1").unwrap();
+        let key: IssueKey = "local/my%dir?#3".parse().unwrap();
+        let number = key.number.to_string();
+        let url = client.url(&["api", "issues", key.repo.owner(), key.repo.name(), &number]);
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:1/api/issues/local/my%25dir%3F/3"
+        );
+    }
+}

@@ -1,0 +1,630 @@
+//! The service's HTTP side on `service.listen` (CONTRACT section 6).
+//!
+//! - `GET /healthz`: 200 with what the service is doing ([`Health`]); 503
+//!   with the same body and a `reason` while it is stopping, after
+//!   [`FAILED_POLLS_UNHEALTHY`] polls failed in a row, or when no poll has
+//!   ended for three poll intervals (at least [`STALE_FLOOR`]), which means
+//!   the loop is stuck. A quota pause is not unhealthy: the service is
+//!   doing what it was told. "Stopping" is unhealthy so that a load
+//!   balancer or monitor stops sending work to a service on its way out.
+//! - `GET /metrics`: Prometheus text, from the recorder [`install_metrics`]
+//!   puts in place (404 without one).
+//! - `GET /api/issues`: every record, as `claude-flow list --json` prints it.
+//! - `POST /api/issues/{owner}/{repo}/{n}/retry` and `.../cancel`: the
+//!   orchestrator's [`retry`](Orchestrator::retry) and
+//!   [`cancel`](Orchestrator::cancel); 200 with the issue's summary, 404 for
+//!   an unknown issue, 409 when its state forbids it, 503 when the
+//!   orchestrator is not running.
+//! - `POST /webhook`: GitHub's webhook, when `github.webhook_secret` is set
+//!   (404 otherwise). The `X-Hub-Signature-256` HMAC is checked over the raw
+//!   body in constant time before anything else; a delivery without a
+//!   valid one gets 401 and has no effect. An `issues` delivery for a
+//!   watched repository that adds or removes the trigger label, or closes,
+//!   reopens, deletes or transfers an issue carrying it, asks the
+//!   orchestrator for a poll at once (202). The delivery itself is never
+//!   trusted: the poll is the same as a scheduled one, with the same trust
+//!   check, so a forged or replayed delivery can at most cause one cheap
+//!   (conditional) poll, and duplicates cannot start anything twice since
+//!   only the orchestrator's loop starts attempts. Other events and
+//!   actions get 200 with the reason they were ignored, which GitHub shows
+//!   in the hook's delivery log.
+//!
+//! Request bodies are limited to [`BODY_LIMIT`] (413 beyond it).
+//!
+//! The API has no authentication of its own: `service.listen` defaults to
+//! loopback; put anything wider behind a proxy that authenticates.
+//! Webhooks carry their own signature.
+
+use std::io;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use claude_flow_core::api::{ErrorBody, Health, PollReport};
+use claude_flow_core::config::Config;
+use claude_flow_core::issue_source::{WebhookEvent, parse_github_webhook};
+use claude_flow_core::{
+    Error, IssueKey, IssueRecord, IssueSummary, Orchestrator, RepoId, Secret, StateStore, Status,
+};
+use hmac::{Hmac, KeyInit, Mac};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use sha2::Sha256;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Largest request body accepted. GitHub allows payloads of up to 25 MB,
+/// but the only events acted on (`issues`, `ping`) are small: an issue's
+/// body is at most 65,536 characters. A larger delivery gets 413, which
+/// GitHub records as a failed delivery of an event we would ignore anyway.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// Polls failing in a row that make `/healthz` answer 503.
+pub const FAILED_POLLS_UNHEALTHY: u32 = 3;
+
+/// The least time without a finished poll that makes `/healthz` answer 503,
+/// whatever the poll interval: a poll can take tens of seconds (GitHub
+/// timeouts and pagination), so short intervals would otherwise flap.
+pub const STALE_FLOOR: Duration = Duration::from_secs(60);
+
+/// How long a stopping server waits for requests in flight before it
+/// drops their connections.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+/// What the webhook needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// `github.webhook_secret`.
+    pub secret: Secret,
+    /// `github.trigger_label`.
+    pub trigger_label: String,
+    /// `github.repos`: deliveries for other repositories are ignored.
+    pub repos: Vec<RepoId>,
+}
+
+impl WebhookConfig {
+    /// The webhook settings of a configuration; `None` (no `POST /webhook`)
+    /// without a secret. An empty secret counts as none: anyone could sign
+    /// with it.
+    pub fn from_config(config: &Config) -> Option<Self> {
+        let secret = config.github.webhook_secret.clone()?;
+        if secret.expose().is_empty() {
+            return None;
+        }
+        Some(Self {
+            secret,
+            trigger_label: config.github.trigger_label.clone(),
+            repos: config.github.repos.clone(),
+        })
+    }
+}
+
+/// What the handlers share. Cheap to clone; clones share the webhook
+/// settings, so [`set_webhook`](HttpState::set_webhook) on any of them
+/// (a configuration reload) takes effect for the running server.
+#[derive(Clone)]
+pub struct HttpState {
+    orchestrator: Arc<Orchestrator>,
+    store: Arc<dyn StateStore>,
+    webhook: Arc<RwLock<Option<Arc<WebhookConfig>>>>,
+    metrics: Option<PrometheusHandle>,
+    /// Before the first poll, the health check counts from here.
+    since: SystemTime,
+}
+
+impl std::fmt::Debug for HttpState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpState")
+            .field("orchestrator", &self.orchestrator)
+            .field("webhook", &self.webhook())
+            .field("metrics", &self.metrics.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpState {
+    /// The state for a service built from this orchestrator and the store
+    /// it writes to; no webhook and no metrics until they are added.
+    pub fn new(orchestrator: Arc<Orchestrator>, store: Arc<dyn StateStore>) -> Self {
+        Self {
+            orchestrator,
+            store,
+            webhook: Arc::default(),
+            metrics: None,
+            since: SystemTime::now(),
+        }
+    }
+
+    /// Enables `POST /webhook` (with `Some`).
+    pub fn with_webhook(self, webhook: Option<WebhookConfig>) -> Self {
+        self.set_webhook(webhook);
+        self
+    }
+
+    /// Serves `GET /metrics` from this recorder's handle.
+    pub fn with_metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
+    }
+
+    /// Replaces the webhook settings (a configuration reload); `None`
+    /// disables `POST /webhook`.
+    pub fn set_webhook(&self, webhook: Option<WebhookConfig>) {
+        *self.webhook.write().unwrap_or_else(|e| e.into_inner()) = webhook.map(Arc::new);
+    }
+
+    fn webhook(&self) -> Option<Arc<WebhookConfig>> {
+        self.webhook
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Histogram buckets, in seconds. Attempts run from seconds to hours
+/// (`workflow.timeout` defaults to 2h); polls take from milliseconds (a
+/// 304) to a minute (pagination, retries).
+const ATTEMPT_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+const POLL_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// A Prometheus recorder builder for the service's metrics, with buckets
+/// for its duration histograms and no HTTP listener of its own
+/// (`GET /metrics` serves it): [`install_metrics`] installs it for the
+/// process; a test may build a local recorder from it instead.
+pub fn metrics_builder() -> Result<PrometheusBuilder, BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("claude_flow_attempt_duration_seconds".into()),
+            ATTEMPT_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("claude_flow_poll_duration_seconds".into()),
+            POLL_BUCKETS,
+        )
+}
+
+/// Installs the process-wide metrics recorder and returns the handle to
+/// give [`HttpState::with_metrics`] and [`metrics_upkeep`]. Fails if a
+/// recorder is already installed (one per process).
+pub fn install_metrics() -> Result<PrometheusHandle, BuildError> {
+    let handle = metrics_builder()?.install_recorder()?;
+    describe_metrics();
+    Ok(handle)
+}
+
+/// `# HELP` lines for the metrics the orchestrator and the GitHub source
+/// emit, for whoever reads the scrape.
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("claude_flow_workflows_running", "Workflows running now.");
+    describe_counter!(
+        "claude_flow_attempts_total",
+        "Workflow attempts ended, by outcome."
+    );
+    describe_histogram!(
+        "claude_flow_attempt_duration_seconds",
+        Unit::Seconds,
+        "How long workflow attempts ran."
+    );
+    describe_counter!(
+        "claude_flow_polls_total",
+        "Polls of the issue source, by result."
+    );
+    describe_histogram!(
+        "claude_flow_poll_duration_seconds",
+        Unit::Seconds,
+        "How long polls of the issue source took."
+    );
+    describe_counter!(
+        "claude_flow_github_requests_total",
+        "Requests to GitHub's API, by HTTP status."
+    );
+    describe_gauge!(
+        "claude_flow_github_rate_limit_remaining",
+        "Requests left in GitHub's rate-limit window, as GitHub last said."
+    );
+}
+
+/// Keeps the recorder's memory bounded between scrapes (histogram samples
+/// pile up until drained) until `shutdown` fires. Spawn it next to the
+/// server.
+pub async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => handle.run_upkeep(),
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The routes above, over `state`.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/issues", get(list_issues))
+        .route("/api/issues/{owner}/{repo}/{number}/retry", post(retry))
+        .route("/api/issues/{owner}/{repo}/{number}/cancel", post(cancel))
+        .route("/webhook", post(webhook))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Binds `service.listen`, with an error that names the key.
+pub async fn bind(listen: &str) -> io::Result<TcpListener> {
+    TcpListener::bind(listen).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("service.listen: cannot listen on {listen}: {e}"),
+        )
+    })
+}
+
+/// Serves `router` on `listener` until `shutdown` fires, then lets
+/// requests in flight finish for a few seconds before closing.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "HTTP API listening");
+    }
+    let stopped = shutdown.clone();
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stopped.cancelled().await });
+    tokio::select! {
+        result = server => result,
+        // A client that keeps a request open must not hold up the exit.
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_DRAIN).await;
+        } => {
+            tracing::warn!("HTTP requests still open after {}s; closing them", SHUTDOWN_DRAIN.as_secs());
+            Ok(())
+        }
+    }
+}
+
+/// The health check's verdict on a status: `/healthz`'s body, and whether
+/// it is healthy. `since`: when the service started (the first poll's
+/// deadline counts from it).
+pub fn health(
+    status: &Status,
+    poll_interval: Duration,
+    since: SystemTime,
+    now: SystemTime,
+) -> Health {
+    let stale_after = poll_interval.saturating_mul(3).max(STALE_FLOOR);
+    let last_end = status.last_poll.as_ref().map_or(since, |p| p.at);
+    let quiet = now.duration_since(last_end).unwrap_or_default();
+    let reason = if status.stopping {
+        Some("stopping: no new work; waiting for running workflows".to_owned())
+    } else if status.consecutive_poll_failures >= FAILED_POLLS_UNHEALTHY {
+        let error = status
+            .last_poll
+            .as_ref()
+            .and_then(|p| p.error.as_deref())
+            .unwrap_or("unknown error");
+        Some(format!(
+            "the last {} polls failed; the last one: {error}",
+            status.consecutive_poll_failures
+        ))
+    } else if quiet > stale_after {
+        Some(format!(
+            "no poll has ended for {} (poll interval {})",
+            humantime::format_duration(Duration::from_secs(quiet.as_secs())),
+            humantime::format_duration(poll_interval)
+        ))
+    } else {
+        None
+    };
+    Health {
+        status: if reason.is_some() {
+            Health::UNAVAILABLE
+        } else {
+            Health::OK
+        }
+        .to_owned(),
+        reason,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        last_poll: status.last_poll.as_ref().map(PollReport::from),
+        consecutive_poll_failures: status.consecutive_poll_failures,
+        running: status.running.iter().map(ToString::to_string).collect(),
+        running_count: status.running.len(),
+        paused_until: status.paused_until,
+        stopping: status.stopping,
+    }
+}
+
+async fn healthz(State(state): State<HttpState>) -> Response {
+    let status = state.orchestrator.status();
+    let interval = state.orchestrator.settings().poll_interval;
+    let body = health(&status, interval, state.since, SystemTime::now());
+    let code = if body.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return failure(StatusCode::NOT_FOUND, "metrics are not enabled");
+    };
+    // Rendering drains what upkeep would; doing both is harmless.
+    handle.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response()
+}
+
+async fn list_issues(State(state): State<HttpState>) -> Response {
+    match state.store.list().await {
+        Ok(mut records) => {
+            records.sort_by(|a, b| a.key().cmp(b.key()));
+            let summaries: Vec<IssueSummary> = records.iter().map(IssueRecord::summary).collect();
+            axum::Json(summaries).into_response()
+        }
+        Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+type IssuePath = Result<Path<(String, String, u64)>, PathRejection>;
+
+async fn retry(State(state): State<HttpState>, path: IssuePath) -> Response {
+    let key = match issue_key(path) {
+        Ok(key) => key,
+        Err(message) => return failure(StatusCode::BAD_REQUEST, message),
+    };
+    tracing::info!(issue = %key, "retry asked through the HTTP API");
+    answer(state.orchestrator.retry(&key).await)
+}
+
+async fn cancel(State(state): State<HttpState>, path: IssuePath) -> Response {
+    let key = match issue_key(path) {
+        Ok(key) => key,
+        Err(message) => return failure(StatusCode::BAD_REQUEST, message),
+    };
+    tracing::info!(issue = %key, "cancel asked through the HTTP API");
+    answer(state.orchestrator.cancel(&key).await)
+}
+
+fn issue_key(path: IssuePath) -> Result<IssueKey, String> {
+    let Path((owner, repo, number)) = path.map_err(|e| e.body_text())?;
+    let repo = RepoId::new(&owner, &repo).map_err(|e| e.to_string())?;
+    Ok(IssueKey::new(repo, number))
+}
+
+fn answer(result: Result<IssueRecord, Error>) -> Response {
+    match result {
+        Ok(record) => axum::Json(record.summary()).into_response(),
+        Err(e) => {
+            let code = match &e {
+                Error::UnknownIssue(_) => StatusCode::NOT_FOUND,
+                Error::Conflict(_) => StatusCode::CONFLICT,
+                Error::NotRunning(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            failure(code, e.to_string())
+        }
+    }
+}
+
+fn failure(code: StatusCode, message: impl Into<String>) -> Response {
+    (
+        code,
+        axum::Json(ErrorBody {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// What a webhook delivery led to, for GitHub's delivery log.
+#[derive(Debug, Serialize)]
+struct WebhookAnswer {
+    /// `poll`, `pong` or `ignored`.
+    result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issue: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+impl WebhookAnswer {
+    fn ignored(reason: impl Into<String>) -> Response {
+        let answer = Self {
+            result: "ignored",
+            issue: None,
+            reason: Some(reason.into()),
+        };
+        tracing::debug!(
+            reason = answer.reason.as_deref(),
+            "webhook delivery ignored"
+        );
+        (StatusCode::OK, axum::Json(answer)).into_response()
+    }
+}
+
+async fn webhook(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(config) = state.webhook() else {
+        return failure(
+            StatusCode::NOT_FOUND,
+            "webhooks are not enabled: github.webhook_secret is not set",
+        );
+    };
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let delivery = text("x-github-delivery").unwrap_or("-");
+    // First, before anything looks at the body.
+    if !signature_is_valid(
+        config.secret.expose().as_bytes(),
+        text("x-hub-signature-256"),
+        &body,
+    ) {
+        tracing::warn!(
+            delivery,
+            signed = headers.contains_key("x-hub-signature-256"),
+            "webhook delivery refused: missing or bad X-Hub-Signature-256 (is github.webhook_secret the hook's secret?)"
+        );
+        return failure(
+            StatusCode::UNAUTHORIZED,
+            "missing or bad X-Hub-Signature-256",
+        );
+    }
+    let event = text("x-github-event").unwrap_or("");
+    let change = match parse_github_webhook(event, &body) {
+        Ok(WebhookEvent::Issue(change)) => change,
+        Ok(WebhookEvent::Ping) => {
+            tracing::info!(delivery, "webhook ping");
+            let pong = WebhookAnswer {
+                result: "pong",
+                issue: None,
+                reason: None,
+            };
+            return (StatusCode::OK, axum::Json(pong)).into_response();
+        }
+        Ok(_) => return WebhookAnswer::ignored(format!("event {event:?} is not acted on")),
+        Err(e) => {
+            tracing::warn!(delivery, error = %e, "webhook delivery not understood");
+            return failure(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    let repo = &change.key.repo;
+    if !config
+        .repos
+        .iter()
+        .any(|r| r.matches(repo.owner(), repo.name()))
+    {
+        return WebhookAnswer::ignored(format!("{repo} is not in github.repos"));
+    }
+    if !change.concerns(&config.trigger_label) {
+        return WebhookAnswer::ignored(format!(
+            "{} does not concern the trigger label {:?}",
+            change.action, config.trigger_label
+        ));
+    }
+    tracing::info!(delivery, issue = %change.key, action = %change.action, "webhook: polling now");
+    state.orchestrator.poll_now();
+    let answer = WebhookAnswer {
+        result: "poll",
+        issue: Some(change.key.to_string()),
+        reason: None,
+    };
+    (StatusCode::ACCEPTED, axum::Json(answer)).into_response()
+}
+
+/// Whether `header` (`sha256=<hex>`) is the HMAC-SHA256 of `body` under
+/// `secret`, compared in constant time.
+fn signature_is_valid(secret: &[u8], header: Option<&str>, body: &[u8]) -> bool {
+    let Some(signature) = header
+        .and_then(|h| h.strip_prefix("sha256="))
+        .and_then(|hex| hex::decode(hex.trim()).ok())
+    else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
+    mac.update(body);
+    mac.verify_slice(&signature).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use claude_flow_core::PollResult;
+
+    #[test]
+    fn githubs_test_vector_verifies() {
+        let secret = b"It's a Secret to Everybody";
+        let good = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert!(signature_is_valid(secret, Some(good), b"Hello, World!"));
+        assert!(!signature_is_valid(secret, Some(good), b"Hello, World?"));
+        assert!(!signature_is_valid(
+            b"another secret",
+            Some(good),
+            b"Hello, World!"
+        ));
+        assert!(!signature_is_valid(
+            secret,
+            Some(&good[..good.len() - 2]),
+            b"Hello, World!"
+        ));
+        assert!(!signature_is_valid(
+            secret,
+            Some(&good[7..]),
+            b"Hello, World!"
+        ));
+        assert!(!signature_is_valid(
+            secret,
+            Some("sha256=zz"),
+            b"Hello, World!"
+        ));
+        assert!(!signature_is_valid(secret, None, b"Hello, World!"));
+    }
+
+    fn poll(at: SystemTime, error: Option<&str>) -> Option<PollResult> {
+        Some(PollResult {
+            at,
+            duration: Duration::from_millis(5),
+            ready: error.is_none().then_some(0),
+            error: error.map(str::to_owned),
+        })
+    }
+
+    #[test]
+    fn health_turns_bad_after_three_failed_polls_a_stall_or_a_stop() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let interval = Duration::from_secs(300);
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let mut status = Status::default();
+        // Before the first poll, for a while.
+        assert!(health(&status, interval, t0, at(60)).is_ok());
+        let stalled = health(&status, interval, t0, at(901));
+        assert!(!stalled.is_ok());
+        assert!(
+            stalled
+                .reason
+                .unwrap()
+                .contains("no poll has ended for 15m 1s")
+        );
+
+        status.last_poll = poll(at(1000), Some("GET /repos/o/r/issues: HTTP 502"));
+        status.consecutive_poll_failures = 2;
+        assert!(health(&status, interval, t0, at(1001)).is_ok());
+        status.consecutive_poll_failures = 3;
+        let failing = health(&status, interval, t0, at(1001));
+        assert_eq!(failing.status, "unavailable");
+        assert!(failing.reason.unwrap().contains("the last 3 polls failed"));
+
+        status.consecutive_poll_failures = 0;
+        status.last_poll = poll(at(1000), None);
+        assert!(health(&status, interval, t0, at(1899)).is_ok());
+        assert!(!health(&status, interval, t0, at(1901)).is_ok());
+        // Short intervals get the floor.
+        assert!(health(&status, Duration::from_secs(1), t0, at(1059)).is_ok());
+
+        status.stopping = true;
+        let stopping = health(&status, interval, t0, at(1001));
+        assert!(stopping.reason.unwrap().starts_with("stopping"));
+    }
+}
