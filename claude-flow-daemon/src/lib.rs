@@ -1,0 +1,3 @@
+//! The claude-flow service as a library: what `claude-flow-daemon` is made of.
+
+pub mod notify;
