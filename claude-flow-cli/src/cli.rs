@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use claude_flow_core::service_unit;
 
 /// Turn labeled issues into pull requests: run, operate and inspect claude-flow.
 #[derive(Debug, Parser)]
@@ -58,6 +59,9 @@ pub enum Command {
     /// Check or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Install and control the systemd service.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -79,6 +83,66 @@ pub enum ConfigCommand {
     Check,
     /// Print the effective configuration, secrets redacted.
     Show,
+}
+
+/// `service` subcommands: the systemd unit and `systemctl`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ServiceCommand {
+    /// Write the unit (for this --config), create the user and the
+    /// configuration and state directories if absent, then daemon-reload and
+    /// enable --now.
+    Install(InstallArgs),
+    /// Stop and disable the service and remove its unit; the state, the
+    /// configuration and the user stay.
+    Uninstall {
+        #[command(flatten)]
+        systemd: SystemdArgs,
+        /// The directory holding the unit.
+        #[arg(long, value_name = "DIR", default_value = service_unit::DEFAULT_UNIT_DIR)]
+        unit_dir: PathBuf,
+    },
+    /// `systemctl start claude-flow.service`.
+    Start(SystemdArgs),
+    /// `systemctl stop claude-flow.service`: a graceful stop.
+    Stop(SystemdArgs),
+    /// `systemctl restart claude-flow.service`.
+    Restart(SystemdArgs),
+    /// systemd's view of the service, then the daemon's own.
+    Status(SystemdArgs),
+}
+
+/// Options every `service` subcommand takes.
+#[derive(Debug, Clone, Args)]
+pub struct SystemdArgs {
+    /// Print what would be done; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The directory that exists when systemd is the init system (tests
+    /// point it elsewhere).
+    #[arg(long, hide = true, value_name = "DIR", default_value = service_unit::SYSTEMD_RUN_DIR)]
+    pub systemd_run_dir: PathBuf,
+}
+
+/// `service install` options.
+#[derive(Debug, Clone, Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub systemd: SystemdArgs,
+    /// Where to write claude-flow.service.
+    #[arg(long, value_name = "DIR", default_value = service_unit::DEFAULT_UNIT_DIR)]
+    pub unit_dir: PathBuf,
+    /// The daemon binary [default: claude-flow-daemon beside this program].
+    #[arg(long, value_name = "PATH")]
+    pub daemon: Option<PathBuf>,
+    /// The user the service runs as; created as a system user if missing
+    /// (as root).
+    #[arg(long, value_name = "NAME", default_value = service_unit::DEFAULT_USER)]
+    pub user: String,
+    /// The state directory to create while the configuration file does
+    /// not exist yet [default: /var/lib/claude-flow]; otherwise the
+    /// configuration's service.state_dir is used.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[cfg(test)]

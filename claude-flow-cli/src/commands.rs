@@ -60,6 +60,25 @@ impl From<StoreError> for Failure {
     }
 }
 
+impl From<claude_flow_core::service_unit::ServiceError> for Failure {
+    fn from(e: claude_flow_core::service_unit::ServiceError) -> Self {
+        Self {
+            message: e.to_string(),
+            code: e.exit_code(),
+        }
+    }
+}
+
+impl Failure {
+    /// Exit code 1 with `message`.
+    pub fn other(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: 1,
+        }
+    }
+}
+
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Self {
         Self {
@@ -79,6 +98,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             &mut std::io::stdout(),
         );
         return Ok(());
+    }
+    // Before loading the configuration: installing may come before it.
+    if let Command::Service(command) = &cli.command {
+        return crate::service::run(cli.config.clone(), command.clone()).await;
     }
     let config = Config::load(&cli.config).map_err(Error::from)?;
     match cli.command {
@@ -105,7 +128,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             print_json(&config.to_redacted_json());
             Ok(())
         }
-        Command::Completions { .. } => Ok(()),
+        Command::Completions { .. } | Command::Service(_) => Ok(()),
     }
 }
 

@@ -17,6 +17,7 @@
 
 mod daemon;
 pub mod http;
+pub mod notify;
 mod pid_file;
 pub mod signals;
 

@@ -1,0 +1,121 @@
+//! `claude-flow service`: plans come from `claude_flow_core::service_unit`;
+//! this prints them (`--dry-run`) or carries them out.
+
+use std::path::{Path, PathBuf};
+
+use claude_flow_core::service_unit::{
+    self, InstallOptions, ServiceError, Step, Systemd, UNIT_NAME, UnitState, Verb,
+};
+
+use crate::cli::{ServiceCommand, SystemdArgs};
+use crate::commands::Failure;
+
+/// Runs a `service` subcommand. Its work is blocking (files and
+/// `systemctl`), so it runs off the async runtime.
+pub async fn run(config: PathBuf, command: ServiceCommand) -> Result<(), Failure> {
+    tokio::task::spawn_blocking(move || run_blocking(&config, command))
+        .await
+        .map_err(|e| Failure::other(format!("the service command failed: {e}")))?
+}
+
+fn run_blocking(config: &Path, command: ServiceCommand) -> Result<(), Failure> {
+    match command {
+        ServiceCommand::Install(args) => {
+            let systemd = detect(&args.systemd)?;
+            let daemon = match args.daemon {
+                Some(path) => path,
+                None => service_unit::daemon_beside_current_exe()?,
+            };
+            let steps = service_unit::install(
+                &systemd,
+                &InstallOptions {
+                    daemon,
+                    config: config.to_owned(),
+                    unit_dir: args.unit_dir,
+                    user: args.user,
+                    state_dir: args.state_dir,
+                },
+            )?;
+            carry_out(&steps, args.systemd.dry_run)
+        }
+        ServiceCommand::Uninstall { systemd, unit_dir } => carry_out(
+            &service_unit::uninstall(&detect(&systemd)?, &unit_dir),
+            systemd.dry_run,
+        ),
+        ServiceCommand::Start(args) => control(&args, Verb::Start),
+        ServiceCommand::Stop(args) => control(&args, Verb::Stop),
+        ServiceCommand::Restart(args) => control(&args, Verb::Restart),
+        ServiceCommand::Status(args) => status(config, &args),
+    }
+}
+
+/// systemd's `systemctl`, or an error saying this machine lacks systemd.
+/// A dry run only warns, so a plan can be previewed anywhere.
+fn detect(args: &SystemdArgs) -> Result<Systemd, ServiceError> {
+    match Systemd::detect(std::env::var_os("PATH"), &args.systemd_run_dir) {
+        Err(e) if args.dry_run => {
+            println!("note: {e}");
+            Ok(Systemd::assumed())
+        }
+        other => other,
+    }
+}
+
+fn carry_out(steps: &[Step], dry_run: bool) -> Result<(), Failure> {
+    for step in steps {
+        match step {
+            Step::Note(note) => println!("{note}"),
+            Step::WriteFile { contents, .. } if dry_run => {
+                println!("would {step}:");
+                for line in contents.lines() {
+                    println!("    {line}");
+                }
+            }
+            _ if dry_run => println!("would {step}"),
+            _ => {
+                println!("{step}");
+                step.run()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn control(args: &SystemdArgs, verb: Verb) -> Result<(), Failure> {
+    carry_out(&service_unit::control(&detect(args)?, verb), args.dry_run)
+}
+
+fn status(config: &Path, args: &SystemdArgs) -> Result<(), Failure> {
+    let systemd = detect(args)?;
+    if args.dry_run {
+        println!(
+            "would run {} status --no-pager {UNIT_NAME}",
+            systemd.systemctl.display()
+        );
+        return Ok(());
+    }
+    let state = service_unit::status(&systemd)?;
+    if let Some(view) = daemon_http_status(config) {
+        println!();
+        println!("{view}");
+    }
+    match state {
+        UnitState::Active | UnitState::Inactive => Ok(()),
+        UnitState::Unknown(code) => Err(Failure::other(format!(
+            "systemctl cannot report on {UNIT_NAME} (exit {}); is it installed? \
+             (`claude-flow service install`)",
+            code.map_or_else(|| "by signal".to_owned(), |c| c.to_string())
+        ))),
+    }
+}
+
+/// HOOK: the daemon's own view (`GET /healthz` and the running workflows
+/// from its HTTP API on `service.listen`), printed under systemd's.
+///
+/// The HTTP API is being built separately (issue 4, item 6); until it is
+/// merged, there is nothing to ask and this returns `None`. It gets the
+/// configuration file's path so it can read `service.listen` itself, and it
+/// must stay quiet (return `None`) when the daemon does not answer.
+fn daemon_http_status(_config: &Path) -> Option<String> {
+    None
+}
