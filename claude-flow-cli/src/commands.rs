@@ -232,7 +232,8 @@ async fn status(config: &Config, json: bool) -> Result<(), Failure> {
     }
 }
 
-fn print_health(health: &Health) {
+/// Prints the service's own view of itself (`GET /healthz`).
+pub(crate) fn print_health(health: &Health) {
     match &health.reason {
         None => println!("health:  {}", health.status),
         Some(reason) => println!("health:  {} ({reason})", health.status),

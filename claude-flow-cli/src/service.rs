@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use claude_flow_core::Config;
+use claude_flow_core::api::{ApiClient, Health};
 use claude_flow_core::service_unit::{
     self, InstallOptions, ServiceError, Step, Systemd, UNIT_NAME, UnitState, Verb,
 };
@@ -13,9 +15,18 @@ use crate::commands::Failure;
 /// Runs a `service` subcommand. Its work is blocking (files and
 /// `systemctl`), so it runs off the async runtime.
 pub async fn run(config: PathBuf, command: ServiceCommand) -> Result<(), Failure> {
-    tokio::task::spawn_blocking(move || run_blocking(&config, command))
+    let asks_status = matches!(&command, ServiceCommand::Status(args) if !args.dry_run);
+    let blocking_config = config.clone();
+    let result = tokio::task::spawn_blocking(move || run_blocking(&blocking_config, command))
         .await
-        .map_err(|e| Failure::other(format!("the service command failed: {e}")))?
+        .map_err(|e| Failure::other(format!("the service command failed: {e}")))?;
+    // Under systemd's view, the daemon's own.
+    if asks_status && let Some(health) = daemon_health(&config).await {
+        println!();
+        println!("claude-flow-daemon says:");
+        crate::commands::print_health(&health);
+    }
+    result
 }
 
 fn run_blocking(config: &Path, command: ServiceCommand) -> Result<(), Failure> {
@@ -45,7 +56,7 @@ fn run_blocking(config: &Path, command: ServiceCommand) -> Result<(), Failure> {
         ServiceCommand::Start(args) => control(&args, Verb::Start),
         ServiceCommand::Stop(args) => control(&args, Verb::Stop),
         ServiceCommand::Restart(args) => control(&args, Verb::Restart),
-        ServiceCommand::Status(args) => status(config, &args),
+        ServiceCommand::Status(args) => status(&args),
     }
 }
 
@@ -85,7 +96,7 @@ fn control(args: &SystemdArgs, verb: Verb) -> Result<(), Failure> {
     carry_out(&service_unit::control(&detect(args)?, verb), args.dry_run)
 }
 
-fn status(config: &Path, args: &SystemdArgs) -> Result<(), Failure> {
+fn status(args: &SystemdArgs) -> Result<(), Failure> {
     let systemd = detect(args)?;
     if args.dry_run {
         println!(
@@ -95,10 +106,6 @@ fn status(config: &Path, args: &SystemdArgs) -> Result<(), Failure> {
         return Ok(());
     }
     let state = service_unit::status(&systemd)?;
-    if let Some(view) = daemon_http_status(config) {
-        println!();
-        println!("{view}");
-    }
     match state {
         UnitState::Active | UnitState::Inactive => Ok(()),
         UnitState::Unknown(code) => Err(Failure::other(format!(
@@ -109,13 +116,17 @@ fn status(config: &Path, args: &SystemdArgs) -> Result<(), Failure> {
     }
 }
 
-/// HOOK: the daemon's own view (`GET /healthz` and the running workflows
-/// from its HTTP API on `service.listen`), printed under systemd's.
-///
-/// The HTTP API is being built separately (issue 4, item 6); until it is
-/// merged, there is nothing to ask and this returns `None`. It gets the
-/// configuration file's path so it can read `service.listen` itself, and it
-/// must stay quiet (return `None`) when the daemon does not answer.
-fn daemon_http_status(_config: &Path) -> Option<String> {
-    None
+/// The daemon's own view (`GET /healthz` on `service.listen`), printed
+/// under systemd's. Quiet (`None`) when the configuration cannot be read,
+/// HTTP is off, or the daemon does not answer: systemd's view stands alone.
+async fn daemon_health(config: &Path) -> Option<Health> {
+    let config = Config::load(config).ok()?;
+    if config.service.listen.is_empty() {
+        return None;
+    }
+    ApiClient::for_listen(&config.service.listen)
+        .ok()?
+        .health()
+        .await
+        .ok()
 }

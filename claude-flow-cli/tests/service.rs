@@ -420,3 +420,42 @@ fn without_systemd_running_the_command_fails_clearly() {
         .stderr(predicate::str::contains("not this machine's init system"));
     assert!(m.calls().is_empty());
 }
+
+#[test]
+fn status_adds_the_running_daemons_own_view() {
+    let m = Machine::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    m.fx.config(serde_json::json!({"service": {"listen": format!("127.0.0.1:{port}")}}));
+    m.fx.workflow("exit 0");
+    // A real service, in this process, for the CLI to ask.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = rt.block_on(async {
+        let handle = claude_flow_daemon::Daemon::builder(m.fx.config_path())
+            .init_logging(false)
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        let mut status = handle.orchestrator().subscribe_status();
+        status.wait_for(|s| s.last_poll.is_some()).await.unwrap();
+        handle
+    });
+    m.systemctl(0, "Active: active (running)");
+    m.service(&["status"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Active: active (running)"))
+        .stdout(predicate::str::contains("claude-flow-daemon says:"))
+        .stdout(predicate::str::contains("health:  ok"));
+    handle.shutdown();
+    rt.block_on(handle.wait()).unwrap();
+}

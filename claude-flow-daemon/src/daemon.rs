@@ -2,14 +2,20 @@
 //! (the orchestrator on a task), reload, and stop.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use claude_flow_core::logging::{self, LogHandle};
-use claude_flow_core::{Config, Error, Orchestrator, Settings, SubprocessRunner, app};
+use claude_flow_core::{
+    Config, Error, FileStore, Orchestrator, Settings, StateStore, Status, SubprocessRunner, app,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::PidFile;
+use crate::http::{self, HttpState, WebhookConfig};
+use crate::notify::Notifier;
 
 /// Builds a [`Daemon`].
 #[derive(Debug)]
@@ -35,7 +41,7 @@ impl DaemonBuilder {
         } else {
             None
         };
-        let (orchestrator, _store) = app::orchestrator(&config)?;
+        let (orchestrator, store) = app::orchestrator(&config)?;
         let pid_file = config
             .service
             .pid_file
@@ -44,6 +50,7 @@ impl DaemonBuilder {
             .transpose()?;
         Ok(Daemon {
             orchestrator: Arc::new(orchestrator),
+            store,
             pid_file,
             reloader: Reloader {
                 path: self.config_path,
@@ -58,6 +65,7 @@ impl DaemonBuilder {
 #[derive(Debug)]
 pub struct Daemon {
     orchestrator: Arc<Orchestrator>,
+    store: Arc<FileStore>,
     pid_file: Option<PidFile>,
     reloader: Reloader,
 }
@@ -76,15 +84,54 @@ impl Daemon {
         &self.reloader.current
     }
 
-    /// Starts the orchestrator on a task of the current runtime.
-    pub fn start(self) -> DaemonHandle {
+    /// Starts the service on the current runtime: the HTTP server on
+    /// `service.listen` (when set), systemd notification (when
+    /// `NOTIFY_SOCKET` is set), and the orchestrator.
+    pub async fn start(self) -> Result<DaemonHandle, Error> {
+        let config = &self.reloader.current;
         let shutdown = CancellationToken::new();
+        let stopped = CancellationToken::new();
+        let http = if config.service.listen.is_empty() {
+            None
+        } else {
+            let listener = http::bind(&config.service.listen)
+                .await
+                .map_err(|e| Error::Other(e.to_string()))?;
+            let store: Arc<dyn StateStore> = self.store.clone();
+            let mut state = HttpState::new(Arc::clone(&self.orchestrator), store)
+                .with_webhook(WebhookConfig::from_config(config));
+            if let Some(metrics) = metrics() {
+                state = state.with_metrics(metrics.clone());
+                tokio::spawn(http::metrics_upkeep(metrics, stopped.clone()));
+            }
+            let router = http::router(state.clone());
+            let server = tokio::spawn(http::serve(listener, router, stopped.clone()));
+            Some((state, server))
+        };
+        let notifier = Notifier::from_env().map(Arc::new);
+        if let Some(notifier) = &notifier {
+            notifier.status("starting: first poll");
+            let stop_budget = config.service.shutdown_grace + config.workflow.kill_grace;
+            tokio::spawn(tell_systemd(
+                Arc::clone(notifier),
+                self.orchestrator.subscribe_status(),
+                stop_budget,
+                stopped.clone(),
+            ));
+        }
         let orchestrator = Arc::clone(&self.orchestrator);
         let token = shutdown.clone();
         let pid_file = self.pid_file;
+        let (http_state, server) = http.unzip();
         let task = tokio::spawn(async move {
             tracing::info!("claude-flow-daemon started");
             let result = orchestrator.run(token).await;
+            // The HTTP server answers (503, "stopping") until workflows
+            // are drained, then closes.
+            stopped.cancel();
+            if let Some(server) = server {
+                let _ = server.await;
+            }
             // Removed only once nothing runs any more.
             drop(pid_file);
             match &result {
@@ -96,15 +143,114 @@ impl Daemon {
             }
             result.map(|_| ())
         });
-        DaemonHandle {
+        Ok(DaemonHandle {
             inner: Arc::new(Inner {
                 shutdown,
                 orchestrator: self.orchestrator,
                 reloader: Mutex::new(self.reloader),
+                http: http_state,
+                notifier,
                 task: Mutex::new(Some(task)),
             }),
+        })
+    }
+}
+
+/// The process's metrics recorder: installed by the first service started
+/// in this process and shared by any later one (tests start several).
+fn metrics() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| match http::install_metrics() {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics are off: another recorder is installed");
+                None
+            }
+        })
+        .clone()
+}
+
+/// Keeps systemd informed from the orchestrator's status: READY once the
+/// first poll is done, STATUS as it changes, WATCHDOG only while the
+/// scheduler loop's heartbeat moves (so a hung loop is restarted), and
+/// STOPPING with time enough to drain the running workflows.
+async fn tell_systemd(
+    notifier: Arc<Notifier>,
+    mut status: tokio::sync::watch::Receiver<Status>,
+    stop_budget: Duration,
+    stopped: CancellationToken,
+) {
+    let mut ready = false;
+    let mut stopping = false;
+    let mut said = String::new();
+    let mut last_beat = None;
+    let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
+    loop {
+        tokio::select! {
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = status.borrow_and_update().clone();
+                if !ready && now.last_poll.is_some() {
+                    notifier.ready();
+                    ready = true;
+                }
+                if now.stopping && !stopping {
+                    notifier.stopping();
+                    // Margin for the last state writes and the HTTP drain.
+                    notifier.extend_timeout(stop_budget + Duration::from_secs(15));
+                    stopping = true;
+                }
+                let text = describe(&now);
+                if text != said {
+                    notifier.status(&text);
+                    said = text;
+                }
+            }
+            _ = async {
+                match watchdog.as_mut() {
+                    Some(tick) => tick.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let beat = status.borrow().heartbeat;
+                if last_beat != Some(beat) {
+                    notifier.watchdog();
+                    last_beat = Some(beat);
+                }
+            }
+            () = stopped.cancelled() => return,
         }
     }
+}
+
+/// A one-line STATUS= for `systemctl status`.
+fn describe(s: &Status) -> String {
+    if s.stopping {
+        return format!("stopping: {} workflows still running", s.running.len());
+    }
+    let poll = match &s.last_poll {
+        None => "first poll".to_owned(),
+        Some(p) => match &p.error {
+            Some(e) => format!(
+                "last poll failed ({} in a row): {e}",
+                s.consecutive_poll_failures
+            ),
+            None => format!("{} ready at the last poll", p.ready.unwrap_or(0)),
+        },
+    };
+    let paused = s
+        .paused_until
+        .map(|t| {
+            format!(
+                "; quota pause until {}",
+                humantime::format_rfc3339_seconds(t)
+            )
+        })
+        .unwrap_or_default();
+    format!("{} workflows running; {poll}{paused}", s.running.len())
 }
 
 /// Controls a started service. Cheap to clone.
@@ -118,6 +264,8 @@ struct Inner {
     shutdown: CancellationToken,
     orchestrator: Arc<Orchestrator>,
     reloader: Mutex<Reloader>,
+    http: Option<HttpState>,
+    notifier: Option<Arc<Notifier>>,
     task: Mutex<Option<JoinHandle<Result<(), Error>>>>,
 }
 
@@ -141,14 +289,29 @@ impl DaemonHandle {
     /// touching running workflows. An invalid file is refused (logged,
     /// and returned) and the running configuration stays.
     pub fn reload(&self) -> Result<(), Error> {
+        if let Some(notifier) = &self.inner.notifier {
+            notifier.reloading();
+        }
         let mut reloader = self
             .inner
             .reloader
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        reloader.reload(&self.inner.orchestrator).inspect_err(|e| {
-            tracing::error!(error = %e, "configuration reload refused; keeping the running configuration");
-        })
+        let result = reloader.reload(&self.inner.orchestrator);
+        match &result {
+            Ok(()) => {
+                if let Some(http) = &self.inner.http {
+                    http.set_webhook(WebhookConfig::from_config(&reloader.current));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload refused; keeping the running configuration")
+            }
+        }
+        if let Some(notifier) = &self.inner.notifier {
+            notifier.ready();
+        }
+        result
     }
 
     /// The orchestrator, for status, retry and cancel.

@@ -7,7 +7,8 @@
 //! # async fn demo() -> Result<(), claude_flow_core::Error> {
 //! let handle = claude_flow_daemon::Daemon::builder("/etc/claude-flow/config.json")
 //!     .build()?
-//!     .start();
+//!     .start()
+//!     .await?;
 //! claude_flow_daemon::signals::forward(&handle)
 //!     .map_err(|e| claude_flow_core::Error::Other(e.to_string()))?;
 //! handle.wait().await

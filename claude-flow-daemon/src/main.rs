@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))
         .and_then(|rt| {
             rt.block_on(async {
-                let handle = Daemon::builder(&args.config).build()?.start();
+                let handle = Daemon::builder(&args.config).build()?.start().await?;
                 signals::forward(&handle)
                     .map_err(|e| Error::Other(format!("cannot listen for signals: {e}")))?;
                 handle.wait().await

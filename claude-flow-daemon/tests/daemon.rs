@@ -254,3 +254,57 @@ fn a_second_sigterm_stops_at_once_and_still_cancels_the_workflow() {
         Some(claude_flow_core::AttemptOutcome::Interrupted)
     );
 }
+
+/// Reads datagrams from a socket standing in for systemd's until one holds
+/// `wanted`; returns everything read.
+fn read_until(sock: &std::os::unix::net::UnixDatagram, wanted: &str, seen: &mut Vec<String>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {wanted} from the daemon ({e}); got {seen:?}"));
+        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let found = message
+            .lines()
+            .any(|l| l == wanted || l.starts_with(wanted));
+        seen.push(message);
+        if found {
+            return;
+        }
+    }
+}
+
+#[test]
+fn the_daemon_speaks_the_systemd_notify_protocol() {
+    let s = setup_with(1, serde_json::json!({"shutdown_grace": "200ms"}));
+    let path = s.root.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    let d = Command::new(env!("CARGO_BIN_EXE_claude-flow-daemon"))
+        .arg("--config")
+        .arg(s.root.join("config.json"))
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("CLAUDE_FLOW_CONFIG")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&sock, "READY=1", &mut seen);
+    // Pings follow the scheduler loop's heartbeat.
+    read_until(&sock, "WATCHDOG=1", &mut seen);
+    read_until(&sock, "WATCHDOG=1", &mut seen);
+    assert!(seen.iter().any(|m| m.starts_with("STATUS=")), "{seen:?}");
+
+    signal(&d, Signal::SIGHUP);
+    read_until(&sock, "RELOADING=1", &mut seen);
+    read_until(&sock, "READY=1", &mut seen);
+
+    signal(&d, Signal::SIGTERM);
+    read_until(&sock, "STOPPING=1", &mut seen);
+    read_until(&sock, "EXTEND_TIMEOUT_USEC=", &mut seen);
+    let mut d = d;
+    assert!(d.wait().unwrap().success());
+}

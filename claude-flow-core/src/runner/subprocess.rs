@@ -115,8 +115,9 @@ impl SubprocessRunner {
     }
 
     /// The workflow's environment: the service's own, without its settings
-    /// (which may hold the token, through CLAUDE_FLOW_GITHUB__TOKEN) and
-    /// tokens, plus `workflow.env`, the token when passed, and the
+    /// (which may hold the token, through CLAUDE_FLOW_GITHUB__TOKEN), tokens
+    /// and systemd's notification variables (only the service speaks to
+    /// systemd), plus `workflow.env`, the token when passed, and the
     /// contract's variables, which win.
     fn environment(&self, job: &WorkflowJob, p: &Prepared) -> Vec<(OsString, OsString)> {
         let s = &self.settings;
@@ -124,7 +125,15 @@ impl SubprocessRunner {
         let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
             .filter(|(name, _)| {
                 let n = name.to_string_lossy();
-                !(n.starts_with("CLAUDE_FLOW_") || n == "GITHUB_TOKEN" || n == "GH_TOKEN")
+                !(n.starts_with("CLAUDE_FLOW_")
+                    || matches!(
+                        n.as_ref(),
+                        "GITHUB_TOKEN"
+                            | "GH_TOKEN"
+                            | "NOTIFY_SOCKET"
+                            | "WATCHDOG_USEC"
+                            | "WATCHDOG_PID"
+                    ))
             })
             .collect();
         let mut set = |k: &str, v: OsString| {
