@@ -595,7 +595,9 @@ impl Engine {
                 .filter(|k| self.records.get(*k).is_some_and(|r| !r.status.is_settled()))
                 .cloned()
                 .collect();
+            // Every owed issue was just found ready: nothing to re-check.
             self.once_set = Some(owed);
+            return Ok(());
         }
         self.check_wanted().await
     }
@@ -1089,7 +1091,9 @@ async fn report_outcome(
     match result {
         Ok(()) => {
             record.reports.outcome_reported = true;
-            shared.store.put(record).await?;
+            // Losing this note in a crash only repeats the report, which
+            // sources make idempotent; no need to wait for the sync.
+            shared.store.put_relaxed(record).await?;
         }
         // Reported again at the next start.
         Err(e) => tracing::warn!(error = %e, "cannot report the outcome to the source"),

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
@@ -19,6 +20,9 @@ use crate::record::Reports;
 pub struct LocalSource {
     dir: PathBuf,
     repo: RepoId,
+    /// Each issue's file as the last scan found it, so that asking whether
+    /// one issue is still wanted costs a `stat`, not a directory scan.
+    files: Arc<Mutex<BTreeMap<u64, PathBuf>>>,
 }
 
 impl LocalSource {
@@ -41,6 +45,7 @@ impl LocalSource {
         Ok(Self {
             dir: absolute,
             repo,
+            files: Arc::default(),
         })
     }
 
@@ -76,6 +81,10 @@ impl LocalSource {
             }
             found.insert(number, path);
         }
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone_from(&found);
         Ok(found)
     }
 
@@ -163,6 +172,16 @@ impl IssueSource for LocalSource {
     async fn is_wanted(&self, issue: &Issue) -> Result<bool, SourceError> {
         let this = self.clone();
         let number = issue.key.number;
+        let known = self
+            .files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&number)
+            .cloned();
+        if known.is_some_and(|path| path.is_file()) {
+            return Ok(true);
+        }
+        // Gone, renamed, or never seen: only a scan can tell.
         tokio::task::spawn_blocking(move || Ok(this.scan()?.contains_key(&number)))
             .await
             .map_err(|e| SourceError::Unavailable {
@@ -250,7 +269,12 @@ mod tests {
             ]
         );
         assert!(source.is_wanted(&found[0]).await.unwrap());
-        std::fs::remove_file(issues.join("2-b.md")).unwrap();
+        std::fs::rename(issues.join("2-b.md"), issues.join("2-renamed.md")).unwrap();
+        assert!(
+            source.is_wanted(&found[0]).await.unwrap(),
+            "a renamed file is the same issue"
+        );
+        std::fs::remove_file(issues.join("2-renamed.md")).unwrap();
         assert!(!source.is_wanted(&found[0]).await.unwrap());
     }
 }

@@ -129,9 +129,7 @@ fn arm_in_pre_exec(cmd: &mut tokio::process::Command) {
 /// `PATH`), so that a missing or non-executable workflow is reported as
 /// such.
 pub(crate) fn resolve_program(program: &str) -> io::Result<PathBuf> {
-    let executable = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
+    let executable = is_executable;
     if program.contains('/') {
         let path = PathBuf::from(program);
         return match std::fs::metadata(&path) {
@@ -155,6 +153,11 @@ pub(crate) fn resolve_program(program: &str) -> io::Result<PathBuf> {
         })
         .find(|candidate| executable(candidate))
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not found on PATH"))
+}
+
+/// Whether `path` is a file someone may execute.
+pub(crate) fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Sends `signal` to every process of the group; a group that is already

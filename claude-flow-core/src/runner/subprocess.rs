@@ -6,6 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -44,15 +45,35 @@ pub struct SubprocessSettings {
 
 /// Runs each attempt as a child process in its own process group, with the
 /// issue in its environment and its output in the attempt's log file.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SubprocessRunner {
     settings: SubprocessSettings,
+    /// `command[0]` as found on `PATH` the last time, so that a spawn costs
+    /// one `stat` instead of one per `PATH` entry.
+    resolved: Mutex<Option<PathBuf>>,
 }
 
 impl SubprocessRunner {
     /// A runner with these settings.
     pub fn new(settings: SubprocessSettings) -> Self {
-        Self { settings }
+        Self {
+            settings,
+            resolved: Mutex::new(None),
+        }
+    }
+
+    /// The workflow program: the cached path while it is still an
+    /// executable file, else a fresh `PATH` search.
+    fn program(&self, program: &str) -> std::io::Result<PathBuf> {
+        let mut cached = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = cached.as_ref()
+            && process::is_executable(path)
+        {
+            return Ok(path.clone());
+        }
+        let path = process::resolve_program(program)?;
+        *cached = Some(path.clone());
+        Ok(path)
     }
 
     /// The settings.
@@ -172,7 +193,7 @@ impl SubprocessRunner {
             program: program.clone(),
             source,
         };
-        let resolved = process::resolve_program(program).map_err(spawn_error)?;
+        let resolved = self.program(program).map_err(spawn_error)?;
         let env = self.environment(job, p);
         process::start(&resolved, args, &env, &p.workspace, &p.log).map_err(spawn_error)
     }

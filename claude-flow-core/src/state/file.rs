@@ -177,6 +177,30 @@ impl StateStore for FileStore {
     }
 
     async fn put(&self, record: &IssueRecord) -> Result<(), StoreError> {
+        let ack = self.enqueue(record)?;
+        ack.await
+            .map_err(|_| StoreError::Failed("the journal writer has stopped".into()))?
+    }
+
+    async fn put_relaxed(&self, record: &IssueRecord) -> Result<(), StoreError> {
+        // Queued in order with every other write; only the wait is skipped.
+        self.enqueue(record).map(drop)
+    }
+
+    async fn list(&self) -> Result<Vec<IssueRecord>, StoreError> {
+        let mut all: Vec<IssueRecord> = self.records().values().cloned().collect();
+        all.sort_by(|a, b| a.key().cmp(b.key()));
+        Ok(all)
+    }
+}
+
+impl FileStore {
+    /// Hands a record's line to the journal writer and updates the map;
+    /// the receiver says when the line is durable.
+    fn enqueue(
+        &self,
+        record: &IssueRecord,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         let writer = self.writer.as_ref().ok_or(StoreError::ReadOnly)?;
         let mut line = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
             path: self.journal.clone(),
@@ -194,15 +218,7 @@ impl StateStore for FileStore {
                 .map_err(|_| StoreError::Failed("the journal writer has stopped".into()))?;
             records.insert(record.key().clone(), record.clone());
         }
-        ack_rx
-            .await
-            .map_err(|_| StoreError::Failed("the journal writer has stopped".into()))?
-    }
-
-    async fn list(&self) -> Result<Vec<IssueRecord>, StoreError> {
-        let mut all: Vec<IssueRecord> = self.records().values().cloned().collect();
-        all.sort_by(|a, b| a.key().cmp(b.key()));
-        Ok(all)
+        Ok(ack_rx)
     }
 }
 
@@ -506,6 +522,30 @@ mod tests {
         let all = store.load().await.unwrap();
         let statuses: Vec<_> = all.iter().map(|r| (r.key().number, r.status)).collect();
         assert_eq!(statuses, [(1, IssueStatus::Done), (2, IssueStatus::Failed)]);
+    }
+
+    #[tokio::test]
+    async fn relaxed_puts_land_in_order_with_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = FileStore::open(dir.path()).unwrap();
+            store.put(&record(1, IssueStatus::Running)).await.unwrap();
+            store
+                .put_relaxed(&record(1, IssueStatus::Done))
+                .await
+                .unwrap();
+            store.put(&record(2, IssueStatus::Done)).await.unwrap();
+        }
+        // The durable put after it means the relaxed one is on disk too.
+        let store = FileStore::open_read_only(dir.path()).unwrap();
+        let statuses: Vec<_> = store
+            .load()
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.status)
+            .collect();
+        assert_eq!(statuses, [IssueStatus::Done, IssueStatus::Done]);
     }
 
     #[tokio::test]

@@ -36,6 +36,15 @@ pub trait StateStore: Send + Sync {
     /// Stores a record durably, replacing the issue's previous one.
     async fn put(&self, record: &IssueRecord) -> Result<(), StoreError>;
 
+    /// Stores a record without waiting for it to be durable: a crash may
+    /// lose this write (not earlier ones), and later writes still land in
+    /// order after it. For state whose loss only repeats idempotent work,
+    /// such as the note that an outcome was reported. The default waits,
+    /// like [`put`](StateStore::put).
+    async fn put_relaxed(&self, record: &IssueRecord) -> Result<(), StoreError> {
+        self.put(record).await
+    }
+
     /// Every record, as this store currently holds them.
     async fn list(&self) -> Result<Vec<IssueRecord>, StoreError>;
 }
