@@ -57,8 +57,16 @@ fn build_binaries() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_owned()
 }
 
+/// Runs live under `target/bench-e2e/`, not the system's temporary
+/// directory: on ext4 without a journal (as here), creating files next to
+/// thousands just deleted (a test run's temporary directories) is several
+/// times slower, because the allocator skips recently freed inodes, and
+/// that would be measured instead of claude-flow.
 fn setup(issues: usize, workflow: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let base = exe.ancestors().nth(3).unwrap().join("bench-e2e");
+    std::fs::create_dir_all(&base).unwrap();
+    let dir = tempfile::tempdir_in(base).unwrap();
     let root = dir.path();
     std::fs::create_dir(root.join("issues")).unwrap();
     for n in 1..=issues {
