@@ -4,7 +4,7 @@
 //! - [`GithubSource`]: open issues of GitHub repositories carrying the
 //!   trigger label, applied by someone trusted (CONTRACT section 5).
 //! - [`LocalSource`]: Markdown files in a directory (CONTRACT section 7).
-//! - [`MemorySource`] (feature `test-util`): an in-process list for tests.
+//! - `MemorySource` (feature `test-util`): an in-process list for tests.
 //! - `MockIssueSource` (feature `test-util`): a mockall mock.
 
 mod github;

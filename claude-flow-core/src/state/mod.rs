@@ -3,7 +3,7 @@
 //! Implementations:
 //! - [`FileStore`]: an fsynced append-only journal in the state directory,
 //!   with group commit, compaction and an exclusive lock.
-//! - [`MemoryStore`] (feature `test-util`): a map, for tests.
+//! - `MemoryStore` (feature `test-util`): a map, for tests.
 //! - `MockStateStore` (feature `test-util`): a mockall mock.
 
 mod file;
