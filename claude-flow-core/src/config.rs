@@ -399,17 +399,25 @@ impl Config {
         {
             abs(p);
         }
-        // argv[0] with a slash is a path (a bare name is looked up on
-        // PATH); later arguments count as paths when they say so with a
-        // leading ./ or ../.
+        // Relative paths in the command are the config folder's: argv[0]
+        // with a slash and arguments starting with ./ or ../ always, and any
+        // other relative element that names a file there (`workflow.sh`,
+        // or `["bash", "workflow.sh"]`), since the workflow runs in its
+        // workspace, where such a path would not resolve. Anything else is
+        // left alone: a bare program name is looked up on PATH, a plain
+        // word stays a word.
         for (i, arg) in self.workflow.command.iter_mut().enumerate() {
-            let is_path = if i == 0 {
-                arg.contains('/') && !arg.starts_with('/')
+            if arg.is_empty() || arg.starts_with('/') || arg.starts_with('-') {
+                continue;
+            }
+            let explicit = if i == 0 {
+                arg.contains('/')
             } else {
                 arg.starts_with("./") || arg.starts_with("../")
             };
-            if is_path {
-                *arg = normalize(&base.join(&*arg)).to_string_lossy().into_owned();
+            let candidate = normalize(&base.join(&*arg));
+            if explicit || candidate.is_file() {
+                *arg = candidate.to_string_lossy().into_owned();
             }
         }
     }
@@ -694,6 +702,27 @@ mod tests {
             c.workflow.command,
             ["/etc/cf/wf.sh", "--flag", "/etc/cf/data"]
         );
+    }
+
+    #[test]
+    fn command_elements_naming_files_in_the_config_folder_are_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("workflow.sh"), "").unwrap();
+        let text = r#"{"source": "local", "local": {"dir": "issues"},
+            "workflow": {"command": ["workflow.sh", "--verbose", "workflow.sh", "word"]}}"#;
+        let c = Config::parse(text, dir.path(), Vec::new()).unwrap();
+        let file = dir
+            .path()
+            .join("workflow.sh")
+            .to_string_lossy()
+            .into_owned();
+        assert_eq!(
+            c.workflow.command,
+            [file.as_str(), "--verbose", file.as_str(), "word"]
+        );
+        let bash = r#"{"source": "local", "local": {"dir": "i"}, "workflow": {"command": ["bash", "workflow.sh"]}}"#;
+        let c = Config::parse(bash, dir.path(), Vec::new()).unwrap();
+        assert_eq!(c.workflow.command, ["bash", file.as_str()]);
     }
 
     #[test]
