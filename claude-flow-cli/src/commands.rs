@@ -135,7 +135,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 async fn run_orchestrator(config: &Config, once: bool) -> Result<(), Failure> {
     logging::init(&config.log);
     let (orchestrator, _store) = app::orchestrator(config)?;
-    let shutdown = signals::shutdown_token()?;
+    let orchestrator = std::sync::Arc::new(orchestrator);
+    let hurry = std::sync::Arc::clone(&orchestrator);
+    let shutdown = signals::stop_on_signals(move || hurry.hurry())?;
     if once {
         let s = orchestrator.run_once(shutdown).await?;
         println!(

@@ -134,3 +134,34 @@ fn a_second_instance_exits_75_naming_the_holder_and_a_graceful_stop_resumes_late
     f.cli().args(["run", "--once"]).assert().success();
     assert_eq!(f.show(1)["status"], "done");
 }
+
+#[test]
+fn a_second_sigint_stops_run_at_once_and_still_records_the_workflow() {
+    use std::io::BufRead;
+    let f = Fixture::new();
+    f.config(json!({"service": {"shutdown_grace": "1h"}, "workflow": {"kill_grace": "1s"}}));
+    f.issue(1, "Long", "");
+    f.workflow(GATED);
+    let mut run = f
+        .cli_process(&["run"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the workflow to start", || started(&f, 1, 1).is_some());
+    let workflow = started(&f, 1, 1).unwrap();
+    let mut log = std::io::BufReader::new(run.stderr.take().unwrap()).lines();
+    kill(Pid::from_raw(run.id() as i32), Signal::SIGINT).unwrap();
+    // Two signals sent back to back may arrive as one.
+    assert!(
+        log.by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("stopping gracefully"))
+    );
+    kill(Pid::from_raw(run.id() as i32), Signal::SIGINT).unwrap();
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "an operator's stop is a success");
+    assert!(!alive(workflow));
+    let shown = f.show(1);
+    assert_eq!(shown["status"], "queued");
+    assert_eq!(shown["attempts"][0]["outcome"]["kind"], "interrupted");
+}

@@ -1,12 +1,15 @@
-//! Turning SIGINT and SIGTERM into a cancellation token.
+//! Turning SIGINT and SIGTERM into a stop: the first asks for a graceful
+//! one, the second for an immediate one.
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-/// A token cancelled on the first SIGINT or SIGTERM. A second one exits the
-/// process at once with status 130, for an operator who does not want to
-/// wait for the graceful stop.
-pub fn shutdown_token() -> std::io::Result<CancellationToken> {
+/// A token cancelled on the first SIGINT or SIGTERM; on the second,
+/// `hurry` is called (for an orchestrator: [`Orchestrator::hurry`], which
+/// cancels running workflows now instead of after the grace period).
+///
+/// [`Orchestrator::hurry`]: crate::Orchestrator::hurry
+pub fn stop_on_signals(hurry: impl Fn() + Send + 'static) -> std::io::Result<CancellationToken> {
     let token = CancellationToken::new();
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -16,14 +19,14 @@ pub fn shutdown_token() -> std::io::Result<CancellationToken> {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("signal received: stopping gracefully (send it again to stop at once)");
+        tracing::info!("stopping gracefully (signal again to stop at once)");
         cancel.cancel();
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        tracing::warn!("second signal: stopping at once");
-        std::process::exit(130);
+        tracing::warn!("stopping at once: cancelling running workflows");
+        hurry();
     });
     Ok(token)
 }
