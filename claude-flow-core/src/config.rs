@@ -372,6 +372,12 @@ impl Config {
         let mut shown = self.clone();
         shown.service.workspace_dir = Some(self.service.workspace_dir());
         shown.service.log_dir = Some(self.service.log_dir());
+        // workflow.env is where API keys for the agent go.
+        for (name, value) in &mut shown.workflow.env {
+            if looks_secret(name) {
+                *value = crate::secret::REDACTED.to_owned();
+            }
+        }
         // Secret's Serialize impl redacts.
         serde_json::to_value(&shown).unwrap_or(Value::Null)
     }
@@ -489,6 +495,14 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether an environment variable's name says it holds a secret.
+fn looks_secret(name: &str) -> bool {
+    let name = name.to_ascii_uppercase();
+    ["TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL"]
+        .iter()
+        .any(|word| name.contains(word))
 }
 
 /// Removes `.` and `..` components without touching the file system (the
@@ -842,6 +856,23 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("[redacted]"));
+        let with_env = parse(
+            MINIMAL,
+            &[
+                ("CLAUDE_FLOW_WORKFLOW__ENV__ANTHROPIC_API_KEY", "sk-ant-123"),
+                ("CLAUDE_FLOW_WORKFLOW__ENV__CLAUDE_FLOW_AGENT_MODEL", "opus"),
+            ],
+        )
+        .unwrap()
+        .to_redacted_json();
+        assert_eq!(
+            with_env["workflow"]["env"]["ANTHROPIC_API_KEY"],
+            "[redacted]"
+        );
+        assert_eq!(
+            with_env["workflow"]["env"]["CLAUDE_FLOW_AGENT_MODEL"],
+            "opus"
+        );
         assert!(shown.contains("\"poll_interval\":\"5m\""), "{shown}");
     }
 }

@@ -24,7 +24,7 @@ use crate::config::ServiceConfig;
 use crate::error::{Error, StoreError};
 use crate::issue::{Issue, IssueKey};
 use crate::issue_source::{FailureReport, IssueSource, StartReport, SuccessReport};
-use crate::record::{Attempt, AttemptOutcome, IssueRecord, IssueStatus};
+use crate::record::{Attempt, AttemptOutcome, IssueRecord, IssueStatus, Reports};
 use crate::runner::{ExitKind, RunOutcome, WorkflowJob, WorkflowRunner};
 use crate::state::StateStore;
 
@@ -264,12 +264,20 @@ impl Running {
     }
 }
 
-enum TaskKind {
-    Attempt,
-    Report,
+/// What a finished task hands back to the loop.
+enum TaskDone {
+    /// An attempt, with the record as it left it.
+    Attempt(Box<Result<IssueRecord, Error>>),
+    /// A repeated outcome report for `round`: the updated reports when it
+    /// went through. Only these are merged, so a report cannot overwrite
+    /// a newer round that started meanwhile.
+    Report {
+        round: u32,
+        reports: Option<Reports>,
+    },
 }
 
-type TaskResult = (IssueKey, TaskKind, Result<IssueRecord, Error>);
+type TaskResult = (IssueKey, TaskDone);
 
 impl Orchestrator {
     /// A builder.
@@ -407,6 +415,7 @@ impl Orchestrator {
             mode,
             records: HashMap::new(),
             waiting: HashSet::new(),
+            reporting: HashSet::new(),
             running: HashMap::new(),
             eligible: HashSet::new(),
             once_set: None,
@@ -434,6 +443,8 @@ struct Engine {
     /// and the wake-up timer look at, so that a loop turn does not cost a
     /// scan of every settled issue ever seen.
     waiting: HashSet<IssueKey>,
+    /// Settled issues whose outcome report is being repeated.
+    reporting: HashSet<IssueKey>,
     running: HashMap<IssueKey, Running>,
     /// Keys the source said were ready at the last poll.
     eligible: HashSet<IssueKey>,
@@ -478,7 +489,7 @@ impl Engine {
                 .min(Instant::now() + HEARTBEAT);
             tokio::select! {
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                    self.finished(joined);
+                    self.finished(joined).await;
                 }
                 () = tokio::time::sleep_until(wake) => {}
                 () = shutdown.cancelled(), if !stopping => {
@@ -530,25 +541,9 @@ impl Engine {
             {
                 self.paused_until = self.paused_until.max(Some(*until));
             }
-            if matches!(record.status, IssueStatus::Done | IssueStatus::Failed)
-                && !record.reports.outcome_reported
-            {
-                let shared = Arc::clone(&self.shared);
-                let key = record.issue.key.clone();
-                let settings = self.settings.borrow().clone();
-                let mut pending = record.clone();
-                self.tasks.spawn(
-                    async move {
-                        let result = report_outcome(&shared, &settings, &mut pending)
-                            .await
-                            .map(|()| pending);
-                        (key, TaskKind::Report, result)
-                    }
-                    .instrument(tracing::info_span!("issue", issue = %record.issue.key)),
-                );
-            }
             self.set_record(record);
         }
+        self.retry_reports();
         Ok(())
     }
 
@@ -588,6 +583,9 @@ impl Engine {
         };
         tracing::debug!(ready = issues.len(), "polled");
         self.apply_poll(issues).await?;
+        if self.mode == Mode::Forever {
+            self.retry_reports();
+        }
         if self.mode == Mode::Once {
             let owed = self
                 .eligible
@@ -744,21 +742,27 @@ impl Engine {
         self.waiting.remove(&key);
         self.publish_running();
         self.tasks
-            .spawn(async move { (key, TaskKind::Attempt, task.await) }.instrument(span));
+            .spawn(async move { (key, TaskDone::Attempt(Box::new(task.await))) }.instrument(span));
     }
 
-    fn finished(&mut self, joined: Result<TaskResult, tokio::task::JoinError>) {
-        let (key, kind, result) = match joined {
+    async fn finished(&mut self, joined: Result<TaskResult, tokio::task::JoinError>) {
+        let (key, done) = match joined {
             Ok(done) => done,
             Err(e) => {
                 self.fail(Error::Other(format!("an attempt task panicked: {e}")));
                 return;
             }
         };
-        if matches!(kind, TaskKind::Attempt) {
-            self.running.remove(&key);
-            self.publish_running();
-        }
+        let result = match done {
+            TaskDone::Report { round, reports } => {
+                self.reporting.remove(&key);
+                self.merge_reports(&key, round, reports).await;
+                return;
+            }
+            TaskDone::Attempt(result) => *result,
+        };
+        self.running.remove(&key);
+        self.publish_running();
         let record = match result {
             Ok(record) => record,
             Err(e) => {
@@ -766,42 +770,60 @@ impl Engine {
                 return;
             }
         };
-        if matches!(kind, TaskKind::Attempt) {
-            if let Some(attempt) = record.last_attempt() {
-                let outcome = match &attempt.outcome {
-                    Some(AttemptOutcome::Succeeded) => "succeeded",
-                    Some(AttemptOutcome::Failed { .. }) => "failed",
-                    Some(AttemptOutcome::Cancelled) => "cancelled",
-                    Some(AttemptOutcome::Interrupted) => "interrupted",
-                    Some(AttemptOutcome::QuotaExhausted { .. }) => "quota_exhausted",
-                    None => "unknown",
-                };
-                metrics::counter!("claude_flow_attempts_total", "outcome" => outcome).increment(1);
-                metrics::histogram!("claude_flow_attempt_duration_seconds")
-                    .record(attempt.duration().as_secs_f64());
+        if let Some(attempt) = record.last_attempt() {
+            let outcome = match &attempt.outcome {
+                Some(AttemptOutcome::Succeeded) => "succeeded",
+                Some(AttemptOutcome::Failed { .. }) => "failed",
+                Some(AttemptOutcome::Cancelled) => "cancelled",
+                Some(AttemptOutcome::Interrupted) => "interrupted",
+                Some(AttemptOutcome::QuotaExhausted { .. }) => "quota_exhausted",
+                None => "unknown",
+            };
+            metrics::counter!("claude_flow_attempts_total", "outcome" => outcome).increment(1);
+            metrics::histogram!("claude_flow_attempt_duration_seconds")
+                .record(attempt.duration().as_secs_f64());
+        }
+        match record.status {
+            IssueStatus::Done => self.summary.done += 1,
+            IssueStatus::Failed => self.summary.failed += 1,
+            IssueStatus::Cancelled => self.summary.cancelled += 1,
+            _ => {}
+        }
+        match record.last_attempt().and_then(|a| a.outcome.as_ref()) {
+            Some(AttemptOutcome::Interrupted) => self.summary.interrupted += 1,
+            Some(AttemptOutcome::QuotaExhausted { until }) => {
+                tracing::warn!(until = %humantime::format_rfc3339_seconds(*until), "the workflow's quota is exhausted: no workflow starts until then");
+                self.paused_until = self.paused_until.max(Some(*until));
+                self.publish_running();
             }
-            match record.status {
-                IssueStatus::Done => self.summary.done += 1,
-                IssueStatus::Failed => self.summary.failed += 1,
-                IssueStatus::Cancelled => self.summary.cancelled += 1,
-                _ => {}
-            }
-            match record.last_attempt().and_then(|a| a.outcome.as_ref()) {
-                Some(AttemptOutcome::Interrupted) => self.summary.interrupted += 1,
-                Some(AttemptOutcome::QuotaExhausted { until }) => {
-                    tracing::warn!(until = %humantime::format_rfc3339_seconds(*until), "the workflow's quota is exhausted: no workflow starts until then");
-                    self.paused_until = self.paused_until.max(Some(*until));
-                    self.publish_running();
-                }
-                _ => {}
-            }
-            if record.status.is_settled()
-                && let Some(owed) = &mut self.once_set
-            {
-                owed.remove(&key);
-            }
+            _ => {}
+        }
+        if record.status.is_settled()
+            && let Some(owed) = &mut self.once_set
+        {
+            owed.remove(&key);
         }
         self.set_record(record);
+    }
+
+    /// Takes a repeated report's result into the record, unless the issue
+    /// has moved on to another round meanwhile.
+    async fn merge_reports(&mut self, key: &IssueKey, round: u32, reports: Option<Reports>) {
+        let Some(reports) = reports else { return };
+        let Some(record) = self.records.get_mut(key) else {
+            return;
+        };
+        if record.round != round
+            || !matches!(record.status, IssueStatus::Done | IssueStatus::Failed)
+        {
+            return;
+        }
+        record.reports = reports;
+        let record = record.clone();
+        // Losing this note in a crash only repeats the report.
+        if let Err(e) = self.shared.store.put_relaxed(&record).await {
+            self.fail(e.into());
+        }
     }
 
     /// Stores a record in memory and keeps `waiting` in step with it.
@@ -844,6 +866,13 @@ impl Engine {
             Command::Retry(key, reply) => {
                 let result = if self.running.contains_key(&key) {
                     Err(Error::Conflict(format!("{key} is running now")))
+                } else if self.records.contains_key(&key) && !self.eligible.contains(&key) {
+                    // Queued, it would never start: only issues the source
+                    // offers are started.
+                    Err(Error::Conflict(format!(
+                        "{key} is not ready at its source (on GitHub: apply the trigger label \
+                         again, which starts a new round by itself)"
+                    )))
                 } else {
                     crate::ops::retry(&*store, &key).await
                 };
@@ -867,6 +896,35 @@ impl Engine {
             self.set_record(record.clone());
         }
         let _ = reply.send(result);
+    }
+
+    /// Repeats the outcome report of every settled round whose report did
+    /// not go through (the source was down, or the service died first).
+    fn retry_reports(&mut self) {
+        let owed: Vec<IssueRecord> = self
+            .records
+            .values()
+            .filter(|r| matches!(r.status, IssueStatus::Done | IssueStatus::Failed))
+            .filter(|r| !r.reports.outcome_reported && !self.reporting.contains(r.key()))
+            .cloned()
+            .collect();
+        for mut record in owed {
+            let key = record.key().clone();
+            self.reporting.insert(key.clone());
+            let shared = Arc::clone(&self.shared);
+            let settings = self.settings.borrow().clone();
+            let span = tracing::info_span!("issue", issue = %key);
+            self.tasks.spawn(
+                async move {
+                    let round = record.round;
+                    let reports = report_outcome(&shared, &settings, &mut record)
+                        .await
+                        .then_some(record.reports);
+                    (key, TaskDone::Report { round, reports })
+                }
+                .instrument(span),
+            );
+        }
     }
 
     fn fail(&mut self, e: Error) {
@@ -952,8 +1010,12 @@ async fn attempt_task(
     let stop_reason = reason.get().copied();
     apply_outcome(&mut record, &settings, result, stop_reason);
     shared.store.put(&record).await?;
-    if matches!(record.status, IssueStatus::Done | IssueStatus::Failed) {
-        report_outcome(&shared, &settings, &mut record).await?;
+    if matches!(record.status, IssueStatus::Done | IssueStatus::Failed)
+        && report_outcome(&shared, &settings, &mut record).await
+    {
+        // Losing this note in a crash only repeats the report, which
+        // sources make idempotent; no need to wait for the sync.
+        shared.store.put_relaxed(&record).await?;
     }
     Ok(record)
 }
@@ -1054,12 +1116,10 @@ fn signal_name(signal: i32) -> String {
         .unwrap_or_else(|_| signal.to_string())
 }
 
-/// Reports a settled round to the source, once: the record remembers it.
-async fn report_outcome(
-    shared: &Shared,
-    settings: &Settings,
-    record: &mut IssueRecord,
-) -> Result<(), Error> {
+/// Reports a settled round to the source. Returns whether it went
+/// through, in which case `record.reports` says so; a failed report is
+/// repeated at a later poll.
+async fn report_outcome(shared: &Shared, settings: &Settings, record: &mut IssueRecord) -> bool {
     let result = match record.status {
         IssueStatus::Done => {
             let success = SuccessReport {
@@ -1086,19 +1146,18 @@ async fn report_outcome(
                 .report_failed(&record.issue, &failure, &mut record.reports)
                 .await
         }
-        _ => return Ok(()),
+        _ => return false,
     };
     match result {
         Ok(()) => {
             record.reports.outcome_reported = true;
-            // Losing this note in a crash only repeats the report, which
-            // sources make idempotent; no need to wait for the sync.
-            shared.store.put_relaxed(record).await?;
+            true
         }
-        // Reported again at the next start.
-        Err(e) => tracing::warn!(error = %e, "cannot report the outcome to the source"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot report the outcome to the source; trying again at the next poll");
+            false
+        }
     }
-    Ok(())
 }
 
 /// The last `lines` lines of a log, reading at most its last 64 KiB.

@@ -439,3 +439,119 @@ async fn failing_polls_are_counted_in_a_row() {
     shutdown.cancel();
     run.await.unwrap().unwrap();
 }
+
+/// A MemorySource whose first `report_succeeded` fails, as GitHub may.
+struct FlakyReports {
+    inner: MemorySource,
+    failures_left: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl claude_flow_core::IssueSource for FlakyReports {
+    async fn poll(&self) -> Result<Vec<Issue>, claude_flow_core::SourceError> {
+        self.inner.poll().await
+    }
+    async fn is_wanted(&self, issue: &Issue) -> Result<bool, claude_flow_core::SourceError> {
+        self.inner.is_wanted(issue).await
+    }
+    async fn report_started(
+        &self,
+        issue: &Issue,
+        start: claude_flow_core::StartReport,
+        reports: &mut claude_flow_core::Reports,
+    ) -> Result<(), claude_flow_core::SourceError> {
+        self.inner.report_started(issue, start, reports).await
+    }
+    async fn report_succeeded(
+        &self,
+        issue: &Issue,
+        success: &claude_flow_core::SuccessReport,
+        reports: &mut claude_flow_core::Reports,
+    ) -> Result<(), claude_flow_core::SourceError> {
+        if self
+            .failures_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(claude_flow_core::SourceError::Unavailable {
+                what: "PATCH comment".into(),
+                message: "HTTP 502".into(),
+            });
+        }
+        self.inner.report_succeeded(issue, success, reports).await
+    }
+    async fn report_failed(
+        &self,
+        issue: &Issue,
+        failure: &claude_flow_core::FailureReport,
+        reports: &mut claude_flow_core::Reports,
+    ) -> Result<(), claude_flow_core::SourceError> {
+        self.inner.report_failed(issue, failure, reports).await
+    }
+}
+
+#[tokio::test]
+async fn a_report_that_failed_is_repeated_at_the_next_poll_and_only_once() {
+    let source = Arc::new(FlakyReports {
+        inner: MemorySource::new([issue(1)]),
+        failures_left: AtomicUsize::new(1),
+    });
+    let store = Arc::new(MemoryStore::new());
+    let orchestrator = Arc::new(
+        Orchestrator::builder()
+            .source(source.clone())
+            .runner(Arc::new(FnRunner::new(|_job, _cancel| async {
+                Ok(outcome(0))
+            })))
+            .store(store.clone())
+            .settings(settings())
+            .build()
+            .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn({
+        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
+        async move { o.run(s).await }
+    });
+    let mut watch = orchestrator.subscribe_status();
+    // The attempt ends with a failed report...
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        watch.wait_for(|s| s.heartbeat > 0 && s.running.is_empty() && s.last_poll.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // ...and each poll after that tries again until it goes through.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !store
+        .list()
+        .await
+        .unwrap()
+        .first()
+        .is_some_and(|r| r.status == IssueStatus::Done && r.reports.outcome_reported)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failed report was never repeated"
+        );
+        orchestrator.poll_now();
+        let seen = orchestrator.status().heartbeat;
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            watch.wait_for(|s| s.heartbeat > seen + 1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    let successes = source
+        .inner
+        .reports()
+        .into_iter()
+        .filter(|r| matches!(r, Reported::Succeeded(..)))
+        .count();
+    assert_eq!(successes, 1, "reported once it went through, not again");
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+}

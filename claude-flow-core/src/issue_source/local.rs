@@ -33,10 +33,21 @@ impl LocalSource {
             path: dir.clone(),
             source,
         })?;
-        let name = absolute
+        // The directory's name, made fit for an `owner/name` id (and for
+        // the `local__<name>` directories of workspaces and logs).
+        let name: String = absolute
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "issues".into());
+            .unwrap_or_else(|| "issues".into())
+            .chars()
+            .map(|c| {
+                if c.is_whitespace() || matches!(c, '/' | '#' | '\\') {
+                    '-'
+                } else {
+                    c
+                }
+            })
+            .collect();
         let repo = RepoId::new("local", &name).map_err(|e| SourceError::Rejected {
             what: format!("local.dir {}", dir.display()),
             status: None,
@@ -244,6 +255,17 @@ mod tests {
             (Some("T"), "<!-- x -->\r\nbody\r\n".to_owned())
         );
         assert_eq!(split_title("no title"), (None, "no title".to_owned()));
+    }
+
+    #[test]
+    fn a_directory_name_with_spaces_makes_a_valid_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let issues = dir.path().join("my issues");
+        std::fs::create_dir(&issues).unwrap();
+        assert_eq!(
+            LocalSource::new(&issues).unwrap().repo().to_string(),
+            "local/my-issues"
+        );
     }
 
     #[tokio::test]

@@ -51,6 +51,9 @@ pub struct FileStore {
     records: Arc<Mutex<HashMap<IssueKey, IssueRecord>>>,
     /// `None` when opened read-only.
     writer: Option<Mutex<mpsc::Sender<Pending>>>,
+    /// The writer thread, joined on drop so that queued lines (relaxed
+    /// puts) are written before the lock is released.
+    writer_thread: Option<std::thread::JoinHandle<()>>,
     /// Held for the store's lifetime; dropping it releases the lock.
     _lock: Option<File>,
 }
@@ -100,7 +103,7 @@ impl FileStore {
             lines,
             records: Arc::clone(&records),
         };
-        std::thread::Builder::new()
+        let writer_thread = std::thread::Builder::new()
             .name("claude-flow-state".into())
             .spawn(move || writer.run(rx))
             .map_err(io_err(&dir))?;
@@ -109,6 +112,7 @@ impl FileStore {
             journal,
             records,
             writer: Some(Mutex::new(tx)),
+            writer_thread: Some(writer_thread),
             _lock: Some(lock),
         })
     }
@@ -124,6 +128,7 @@ impl FileStore {
             journal,
             records: Arc::new(Mutex::new(records)),
             writer: None,
+            writer_thread: None,
             _lock: None,
         })
     }
@@ -154,6 +159,12 @@ impl FileStore {
 
 impl Drop for FileStore {
     fn drop(&mut self) {
+        // Closing the channel ends the writer once it has written what is
+        // queued; only then may another instance take the lock.
+        drop(self.writer.take());
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
         // A clean exit leaves no PID behind for `lock_holder` to find.
         if let Some(lock) = &self._lock {
             let _ = lock.set_len(0);
@@ -407,6 +418,11 @@ fn load_read_only(path: &Path) -> Result<HashMap<IssueKey, IssueRecord>, StoreEr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
         Err(e) => return Err(io_err(path)(e)),
     };
+    // Created but not yet given its header (a service starting right now,
+    // or one killed at that instant): nothing stored yet.
+    if file.metadata().map_err(io_err(path))?.len() == 0 {
+        return Ok(HashMap::new());
+    }
     // A torn tail seen by a reader is a write in progress; ignore it.
     Ok(read_journal(path, &mut file)?.records)
 }
@@ -546,6 +562,29 @@ mod tests {
             .map(|r| r.status)
             .collect();
         assert_eq!(statuses, [IssueStatus::Done, IssueStatus::Done]);
+    }
+
+    #[tokio::test]
+    async fn relaxed_puts_are_on_disk_once_the_store_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        for n in 0..50 {
+            store
+                .put_relaxed(&record(n, IssueStatus::Done))
+                .await
+                .unwrap();
+        }
+        drop(store);
+        let reread = FileStore::open_read_only(dir.path()).unwrap();
+        assert_eq!(reread.load().await.unwrap().len(), 50);
+    }
+
+    #[tokio::test]
+    async fn an_empty_journal_reads_as_an_empty_store() {
+        let dir = tempfile::tempdir().unwrap();
+        File::create(dir.path().join(JOURNAL)).unwrap();
+        let reader = FileStore::open_read_only(dir.path()).unwrap();
+        assert!(reader.load().await.unwrap().is_empty());
     }
 
     #[tokio::test]

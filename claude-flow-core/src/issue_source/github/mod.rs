@@ -196,7 +196,7 @@ impl GithubSource {
         let trigger = match decision {
             Ok(trigger) => Some(trigger),
             Err(reason) => {
-                tracing::info!(issue = %key, %reason, "untrusted trigger: ignored until the issue changes");
+                tracing::debug!(issue = %key, %reason, "untrusted trigger: ignored until the issue changes");
                 None
             }
         };
