@@ -27,7 +27,7 @@ pub struct Health {
     /// The service's version.
     pub version: String,
     /// The last poll, once there was one.
-    pub last_poll: Option<PollReport>,
+    pub last_poll: Option<PollResult>,
     /// Polls that failed in a row.
     #[serde(default)]
     pub consecutive_poll_failures: u32,
@@ -51,32 +51,6 @@ impl Health {
     /// Whether the service said it is healthy.
     pub fn is_ok(&self) -> bool {
         self.status == Self::OK
-    }
-}
-
-/// How the last poll went.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PollReport {
-    /// When it ended (RFC 3339).
-    #[serde(with = "humantime_serde")]
-    pub at: SystemTime,
-    /// How long it took (`1s 250ms`).
-    #[serde(with = "humantime_serde")]
-    pub duration: Duration,
-    /// Issues found ready, when it succeeded.
-    pub ready: Option<usize>,
-    /// Why it failed, when it did.
-    pub error: Option<String>,
-}
-
-impl From<&PollResult> for PollReport {
-    fn from(p: &PollResult) -> Self {
-        Self {
-            at: p.at,
-            duration: p.duration,
-            ready: p.ready,
-            error: p.error.clone(),
-        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -212,8 +212,8 @@ pub struct Status {
     pub heartbeat: u64,
 }
 
-/// How a poll went.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// How a poll went (also as `/healthz` reports it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PollResult {
     /// When it ended.
     #[serde(with = "humantime_serde")]

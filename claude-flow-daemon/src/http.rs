@@ -46,7 +46,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use claude_flow_core::api::{ErrorBody, Health, PollReport};
+use claude_flow_core::api::{ErrorBody, Health};
 use claude_flow_core::config::Config;
 use claude_flow_core::issue_source::{WebhookEvent, parse_github_webhook};
 use claude_flow_core::{
@@ -340,7 +340,7 @@ pub fn health(
         .to_owned(),
         reason,
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        last_poll: status.last_poll.as_ref().map(PollReport::from),
+        last_poll: status.last_poll.clone(),
         consecutive_poll_failures: status.consecutive_poll_failures,
         running: status.running.iter().map(ToString::to_string).collect(),
         running_count: status.running.len(),
