@@ -33,6 +33,21 @@ fn settings() -> Settings {
     }
 }
 
+/// An orchestrator over these parts with the test settings.
+fn build(
+    source: Arc<dyn claude_flow_core::IssueSource>,
+    runner: Arc<dyn claude_flow_core::WorkflowRunner>,
+    store: Arc<dyn StateStore>,
+) -> Orchestrator {
+    Orchestrator::builder()
+        .source(source)
+        .runner(runner)
+        .store(store)
+        .settings(settings())
+        .build()
+        .unwrap()
+}
+
 fn outcome(code: i32) -> RunOutcome {
     RunOutcome {
         exit: ExitKind::Code(code),
@@ -85,13 +100,7 @@ async fn concurrency_is_bounded_and_no_issue_runs_twice_at_once() {
             Ok(outcome(code))
         }
     });
-    let orchestrator = Orchestrator::builder()
-        .source(source.clone())
-        .runner(Arc::new(runner))
-        .store(store.clone())
-        .settings(settings())
-        .build()
-        .unwrap();
+    let orchestrator = build(source.clone(), Arc::new(runner), store.clone());
     let summary = orchestrator
         .run_once(CancellationToken::new())
         .await
@@ -133,13 +142,7 @@ async fn the_last_failure_is_reported_once_with_the_attempt_count() {
     let source = Arc::new(MemorySource::new([issue(1)]));
     let store = Arc::new(MemoryStore::new());
     let runner = FnRunner::new(|_job, _cancel| async { Ok(outcome(2)) });
-    let orchestrator = Orchestrator::builder()
-        .source(source.clone())
-        .runner(Arc::new(runner))
-        .store(store.clone())
-        .settings(settings())
-        .build()
-        .unwrap();
+    let orchestrator = build(source.clone(), Arc::new(runner), store.clone());
     let summary = orchestrator
         .run_once(CancellationToken::new())
         .await
@@ -190,13 +193,11 @@ async fn an_attempt_running_at_a_crash_is_abandoned_then_run_again_uncounted() {
         .withf(|job, _| job.attempt == 2)
         .times(1)
         .returning(|_, _| Ok(outcome(0)));
-    let orchestrator = Orchestrator::builder()
-        .source(Arc::new(MemorySource::new([issue(1)])))
-        .runner(Arc::new(runner))
-        .store(store.clone())
-        .settings(settings())
-        .build()
-        .unwrap();
+    let orchestrator = build(
+        Arc::new(MemorySource::new([issue(1)])),
+        Arc::new(runner),
+        store.clone(),
+    );
     orchestrator
         .run_once(CancellationToken::new())
         .await
@@ -217,13 +218,7 @@ async fn a_new_trigger_after_settling_starts_a_new_round() {
         r.fetch_add(1, Ordering::SeqCst);
         async { Ok(outcome(0)) }
     });
-    let orchestrator = Orchestrator::builder()
-        .source(source.clone())
-        .runner(Arc::new(runner))
-        .store(store.clone())
-        .settings(settings())
-        .build()
-        .unwrap();
+    let orchestrator = build(source.clone(), Arc::new(runner), store.clone());
     orchestrator
         .run_once(CancellationToken::new())
         .await
@@ -260,13 +255,11 @@ async fn shutdown_waits_for_the_grace_then_interrupts_and_keeps_the_issue_queued
             })
         }
     });
-    let orchestrator = Orchestrator::builder()
-        .source(Arc::new(MemorySource::new([issue(1)])))
-        .runner(Arc::new(runner))
-        .store(store.clone())
-        .settings(settings())
-        .build()
-        .unwrap();
+    let orchestrator = build(
+        Arc::new(MemorySource::new([issue(1)])),
+        Arc::new(runner),
+        store.clone(),
+    );
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -337,15 +330,11 @@ fn blocking_runner(started: Arc<tokio::sync::Notify>) -> FnRunner {
 async fn status_shows_the_last_poll_and_what_runs_and_an_operator_can_cancel_it() {
     let started = Arc::new(tokio::sync::Notify::new());
     let store = Arc::new(MemoryStore::new());
-    let orchestrator = Arc::new(
-        Orchestrator::builder()
-            .source(Arc::new(MemorySource::new([issue(1)])))
-            .runner(Arc::new(blocking_runner(Arc::clone(&started))))
-            .store(store.clone())
-            .settings(settings())
-            .build()
-            .unwrap(),
-    );
+    let orchestrator = Arc::new(build(
+        Arc::new(MemorySource::new([issue(1)])),
+        Arc::new(blocking_runner(Arc::clone(&started))),
+        store.clone(),
+    ));
     assert!(
         orchestrator.cancel(&key(1)).await.is_err(),
         "no loop runs yet"
