@@ -48,6 +48,18 @@ fn build(
         .unwrap()
 }
 
+/// Runs the orchestrator on a task until the returned token is cancelled.
+fn run_until_shutdown(
+    orchestrator: &Arc<Orchestrator>,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<claude_flow_core::Summary, claude_flow_core::Error>>,
+) {
+    let shutdown = CancellationToken::new();
+    let (o, s) = (Arc::clone(orchestrator), shutdown.clone());
+    (shutdown, tokio::spawn(async move { o.run(s).await }))
+}
+
 fn outcome(code: i32) -> RunOutcome {
     RunOutcome {
         exit: ExitKind::Code(code),
@@ -286,15 +298,11 @@ async fn a_store_that_cannot_write_stops_the_orchestrator_with_an_error() {
     store
         .expect_put()
         .returning(|_| Err(StoreError::Failed("disk full".into())));
-    let orchestrator = Orchestrator::builder()
-        .source(Arc::new(MemorySource::new([issue(1)])))
-        .runner(Arc::new(FnRunner::new(|_job, _cancel| async {
-            Ok(outcome(0))
-        })))
-        .store(Arc::new(store))
-        .settings(settings())
-        .build()
-        .unwrap();
+    let orchestrator = build(
+        Arc::new(MemorySource::new([issue(1)])),
+        Arc::new(FnRunner::new(|_job, _cancel| async { Ok(outcome(0)) })),
+        Arc::new(store),
+    );
     let err = orchestrator
         .run_once(CancellationToken::new())
         .await
@@ -339,11 +347,7 @@ async fn status_shows_the_last_poll_and_what_runs_and_an_operator_can_cancel_it(
         orchestrator.cancel(&key(1)).await.is_err(),
         "no loop runs yet"
     );
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn({
-        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
-        async move { o.run(s).await }
-    });
+    let (shutdown, run) = run_until_shutdown(&orchestrator);
     started.notified().await;
     let status = orchestrator.status();
     assert_eq!(status.running, [key(1)]);
@@ -394,22 +398,12 @@ async fn failing_polls_are_counted_in_a_row() {
             message: "HTTP 502".into(),
         })
     });
-    let orchestrator = Arc::new(
-        Orchestrator::builder()
-            .source(Arc::new(source))
-            .runner(Arc::new(FnRunner::new(|_job, _cancel| async {
-                Ok(outcome(0))
-            })))
-            .store(Arc::new(MemoryStore::new()))
-            .settings(settings())
-            .build()
-            .unwrap(),
-    );
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn({
-        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
-        async move { o.run(s).await }
-    });
+    let orchestrator = Arc::new(build(
+        Arc::new(source),
+        Arc::new(FnRunner::new(|_job, _cancel| async { Ok(outcome(0)) })),
+        Arc::new(MemoryStore::new()),
+    ));
+    let (shutdown, run) = run_until_shutdown(&orchestrator);
     let mut watch = orchestrator.subscribe_status();
     for failures in 1..=3 {
         if failures > 1 {
@@ -486,22 +480,12 @@ async fn a_report_that_failed_is_repeated_at_the_next_poll_and_only_once() {
         failures_left: AtomicUsize::new(1),
     });
     let store = Arc::new(MemoryStore::new());
-    let orchestrator = Arc::new(
-        Orchestrator::builder()
-            .source(source.clone())
-            .runner(Arc::new(FnRunner::new(|_job, _cancel| async {
-                Ok(outcome(0))
-            })))
-            .store(store.clone())
-            .settings(settings())
-            .build()
-            .unwrap(),
-    );
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn({
-        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
-        async move { o.run(s).await }
-    });
+    let orchestrator = Arc::new(build(
+        source.clone(),
+        Arc::new(FnRunner::new(|_job, _cancel| async { Ok(outcome(0)) })),
+        store.clone(),
+    ));
+    let (shutdown, run) = run_until_shutdown(&orchestrator);
     let mut watch = orchestrator.subscribe_status();
     // The attempt ends with a failed report...
     tokio::time::timeout(
