@@ -254,10 +254,26 @@ pub(crate) fn print_health(health: &Health) {
     if health.running.is_empty() {
         println!("working: nothing");
     } else {
-        println!("working: {}", health.running.join(", "));
+        for (i, run) in health.running.iter().enumerate() {
+            let elapsed = SystemTime::now()
+                .duration_since(run.started_at)
+                .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
+                .unwrap_or_default();
+            println!(
+                "{} {} round {} attempt {}, running for {elapsed}",
+                if i == 0 { "working:" } else { "        " },
+                run.issue,
+                run.round,
+                run.attempt
+            );
+        }
     }
     if let Some(until) = health.paused_until {
-        println!("paused:  until {} (workflow quota)", rfc3339(until));
+        println!(
+            "paused:  until {}: {}",
+            rfc3339(until),
+            health.pause_reason.as_deref().unwrap_or("workflow quota")
+        );
     }
 }
 
@@ -368,7 +384,7 @@ async fn logs(
 ) -> Result<(), Failure> {
     let r = record(config, arg).await?;
     let chosen = match attempt {
-        Some(n) => r.attempts.iter().find(|a| a.number == n),
+        Some(n) => r.attempts_this_round().find(|a| a.number == n),
         None => r.attempts.last(),
     }
     .ok_or_else(|| Failure {
@@ -387,7 +403,7 @@ async fn logs(
             .log_dir()
             .join(r.key().repo.dir_name())
             .join(format!("issue-{}", r.key().number))
-            .join(format!("attempt-{}.log", chosen.number))
+            .join(format!("round-{}-attempt-{}.log", chosen.round, chosen.number))
     });
     let number = chosen.number;
     let mut offset = copy_from(&path, 0)?;

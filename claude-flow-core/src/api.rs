@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::issue::IssueKey;
-use crate::orchestrator::PollResult;
+use crate::orchestrator::{PollResult, RunningAttempt};
 use crate::record::IssueSummary;
 
 /// `GET /healthz`: whether the service is healthy, and what it is doing.
@@ -31,13 +31,22 @@ pub struct Health {
     /// Polls that failed in a row.
     #[serde(default)]
     pub consecutive_poll_failures: u32,
-    /// Issues with a running workflow, as `owner/name#n`.
-    pub running: Vec<String>,
+    /// Running attempts: issue (`owner/name#n`), round, attempt, start.
+    pub running: Vec<RunningAttempt>,
     /// How many workflows run.
     pub running_count: usize,
+    /// Issues waiting for a slot or a retry.
+    #[serde(default)]
+    pub waiting: usize,
+    /// Issues whose latest state is not shown on the source yet.
+    #[serde(default)]
+    pub reports_owed: usize,
     /// No workflow starts before this (a quota pause).
     #[serde(default, with = "humantime_serde")]
     pub paused_until: Option<SystemTime>,
+    /// Why the service is paused.
+    #[serde(default)]
+    pub pause_reason: Option<String>,
     /// A graceful stop is under way.
     pub stopping: bool,
 }

@@ -215,6 +215,13 @@ pub struct ServiceConfig {
     /// How long a graceful stop waits for running workflows.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// The longest pause a quota marker can impose.
+    #[serde(with = "duration")]
+    pub max_pause: Duration,
+    /// Interruptions in a row (the service stopping mid-attempt) after
+    /// which an attempt fails its round instead of running again.
+    #[serde(deserialize_with = "lenient::u32")]
+    pub max_interruptions: u32,
 }
 
 impl Default for ServiceConfig {
@@ -231,6 +238,8 @@ impl Default for ServiceConfig {
             pid_file: None,
             listen: "127.0.0.1:8787".into(),
             shutdown_grace: Duration::from_secs(30),
+            max_pause: Duration::from_secs(6 * 3600),
+            max_interruptions: 3,
         }
     }
 }
@@ -464,6 +473,8 @@ impl Config {
         let positive = [
             ("workflow.timeout", self.workflow.timeout),
             ("service.poll_interval", self.service.poll_interval),
+            ("service.retry_backoff", self.service.retry_backoff),
+            ("service.max_pause", self.service.max_pause),
         ];
         for (key, value) in positive {
             if value.is_zero() {
@@ -473,6 +484,7 @@ impl Config {
         for (key, value) in [
             ("service.max_concurrent", self.service.max_concurrent),
             ("service.max_attempts", self.service.max_attempts),
+            ("service.max_interruptions", self.service.max_interruptions),
         ] {
             if value == 0 {
                 return Err(ConfigError::key(key, "must be at least 1"));

@@ -21,11 +21,15 @@ pub use config::Config;
 pub use error::{ConfigError, Error, RunnerError, SourceError, StoreError};
 pub use issue::{InvalidRepoId, Issue, IssueKey, PrScope, RepoId};
 pub use issue_source::{
-    FailureReport, GithubSettings, GithubSource, IssueSource, LocalSource, StartReport,
-    SuccessReport,
+    CancelReport, FailureReport, GithubSettings, GithubSource, IssueSource, LocalSource, Report,
+    StartReport, SuccessReport,
 };
-pub use orchestrator::{Orchestrator, OrchestratorBuilder, PollResult, Settings, Status, Summary};
-pub use record::{Attempt, AttemptOutcome, IssueRecord, IssueStatus, IssueSummary, Reports};
+pub use orchestrator::{
+    Orchestrator, OrchestratorBuilder, PollResult, RunningAttempt, Settings, Status, Summary,
+};
+pub use record::{
+    Attempt, AttemptOutcome, IssueRecord, IssueStatus, IssueSummary, Reports, ServiceState, Shown,
+};
 pub use runner::{ExitKind, FnRunner, RunOutcome, SubprocessRunner, WorkflowJob, WorkflowRunner};
 pub use secret::Secret;
 pub use state::{FileStore, StateStore};

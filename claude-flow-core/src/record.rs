@@ -86,8 +86,9 @@ impl AttemptOutcome {
 /// One run of the workflow for an issue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
-    /// 1, 2, ... over the issue's whole life, so logs never overwrite
-    /// each other; `CLAUDE_FLOW_ATTEMPT` carries it.
+    /// 1, 2, ... within its round (every start counts, an interrupted one
+    /// too); `CLAUDE_FLOW_ATTEMPT` carries it. Logs are named by round and
+    /// number, so they never overwrite each other.
     pub number: u32,
     /// The round this attempt belongs to.
     pub round: u32,
@@ -126,20 +127,69 @@ impl Attempt {
     }
 }
 
+/// A state of a round as shown at the source: what the reporter last
+/// delivered, compared with what the record says now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Shown {
+    /// Working on attempt `attempt` of the round.
+    Started {
+        /// The attempt within the round.
+        attempt: u32,
+    },
+    /// The round succeeded.
+    Succeeded,
+    /// The round failed.
+    Failed,
+    /// The round was cancelled.
+    Cancelled,
+}
+
 /// What has been reported back to the source in the current round, so that
 /// a restart does not report twice (or forget to report).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reports {
-    /// The last attempt whose start was reported.
+    /// The latest state of the round the source was brought to.
     #[serde(default)]
-    pub started_attempt: Option<u32>,
-    /// Whether the round's final outcome (success or failure) was reported.
-    #[serde(default)]
-    pub outcome_reported: bool,
+    pub shown: Option<Shown>,
     /// Whatever the source wants to remember about its reports (for
     /// example the id of its status comment). Opaque to everyone else.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub memo: BTreeMap<String, String>,
+    /// Written by versions before rounds had their own attempt numbers;
+    /// read so that a report they made is not made again.
+    #[serde(default, skip_serializing, rename = "outcome_reported")]
+    legacy_outcome_reported: bool,
+}
+
+impl Reports {
+    /// What the source was last brought to show, also for records written
+    /// by earlier versions.
+    pub fn shown(&self, status: IssueStatus) -> Option<Shown> {
+        if self.shown.is_some() || !self.legacy_outcome_reported {
+            return self.shown;
+        }
+        match status {
+            IssueStatus::Done => Some(Shown::Succeeded),
+            IssueStatus::Failed => Some(Shown::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// Service-wide state kept beside the records: a quota pause survives a
+/// restart, and its length grows with consecutive quota exits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceState {
+    /// No workflow starts before this.
+    #[serde(default, with = "humantime_serde")]
+    pub paused_until: Option<SystemTime>,
+    /// Why, in words.
+    #[serde(default)]
+    pub pause_reason: Option<String>,
+    /// Quota exits in a row (any other outcome ends the streak).
+    #[serde(default)]
+    pub quota_exits: u32,
 }
 
 /// Everything the service knows about one issue.
@@ -213,9 +263,47 @@ impl IssueRecord {
         self.attempts.last()
     }
 
-    /// The number the next attempt gets.
+    /// Attempts of the current round, oldest first.
+    pub fn attempts_this_round(&self) -> impl DoubleEndedIterator<Item = &Attempt> {
+        self.attempts.iter().filter(move |a| a.round == self.round)
+    }
+
+    /// The number the next attempt gets: 1, 2, ... within the round.
     pub fn next_attempt_number(&self) -> u32 {
-        self.attempts.last().map_or(1, |a| a.number + 1)
+        u32::try_from(self.attempts_this_round().count())
+            .unwrap_or(u32::MAX)
+            .saturating_add(1)
+    }
+
+    /// How many of this round's last attempts in a row were interrupted
+    /// by the service stopping.
+    pub fn interruptions_in_a_row(&self) -> u32 {
+        let n = self
+            .attempts_this_round()
+            .rev()
+            .take_while(|a| a.outcome == Some(AttemptOutcome::Interrupted))
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// What the source should show for this record now; `None` before
+    /// the round's first attempt.
+    pub fn wanted_shown(&self) -> Option<Shown> {
+        match self.status {
+            IssueStatus::Done => Some(Shown::Succeeded),
+            IssueStatus::Failed => Some(Shown::Failed),
+            IssueStatus::Cancelled => Some(Shown::Cancelled),
+            IssueStatus::Queued | IssueStatus::Running | IssueStatus::Retrying => self
+                .attempts_this_round()
+                .last()
+                .map(|a| Shown::Started { attempt: a.number }),
+        }
+    }
+
+    /// Whether the source shows an older state than [`wanted_shown`](Self::wanted_shown).
+    pub fn report_owed(&self) -> bool {
+        let wanted = self.wanted_shown();
+        wanted.is_some() && wanted != self.reports.shown(self.status)
     }
 
     /// Starts a new round: the issue is queued again with a fresh retry
@@ -271,11 +359,7 @@ impl IssueRecord {
             title: self.issue.title.clone(),
             status: self.status,
             round: self.round,
-            attempts: self
-                .attempts
-                .iter()
-                .filter(|a| a.round == self.round)
-                .count(),
+            attempts: self.attempts_this_round().count(),
             pr_url: self.pr_url.clone(),
             next_retry_at: self.next_retry_at,
             last_error: self.last_error.clone(),
@@ -363,7 +447,7 @@ mod tests {
         assert_eq!(r.failures_this_round(), 1);
         r.start_new_round();
         assert_eq!(r.failures_this_round(), 0);
-        assert_eq!(r.next_attempt_number(), 4);
+        assert_eq!(r.next_attempt_number(), 1);
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn settings() -> Settings {
         retry_backoff: Duration::from_millis(10),
         retry_backoff_max: Duration::from_millis(40),
         shutdown_grace: Duration::from_millis(50),
+        ..Settings::default()
     }
 }
 
@@ -174,7 +175,7 @@ async fn the_last_failure_is_reported_once_with_the_attempt_count() {
         ("exit code 2", 3)
     );
     let record = store.get(&key(1)).await.unwrap().unwrap();
-    assert!(record.reports.outcome_reported);
+    assert_eq!(record.reports.shown, Some(claude_flow_core::Shown::Failed));
 }
 
 #[tokio::test]
@@ -296,6 +297,9 @@ async fn a_store_that_cannot_write_stops_the_orchestrator_with_an_error() {
     let mut store = MockStateStore::new();
     store.expect_load().returning(|| Ok(Vec::new()));
     store
+        .expect_load_service()
+        .returning(|| Ok(Default::default()));
+    store
         .expect_put()
         .returning(|_| Err(StoreError::Failed("disk full".into())));
     let orchestrator = build(
@@ -350,7 +354,10 @@ async fn status_shows_the_last_poll_and_what_runs_and_an_operator_can_cancel_it(
     let (shutdown, run) = run_until_shutdown(&orchestrator);
     started.notified().await;
     let status = orchestrator.status();
-    assert_eq!(status.running, [key(1)]);
+    assert_eq!(
+        status.running.iter().map(|r| r.issue.clone()).collect::<Vec<_>>(),
+        [key(1)]
+    );
     let poll = status.last_poll.expect("a poll happened");
     assert_eq!((poll.ready, poll.error), (Some(1), None));
 
@@ -434,42 +441,24 @@ impl claude_flow_core::IssueSource for FlakyReports {
     async fn poll(&self) -> Result<Vec<Issue>, claude_flow_core::SourceError> {
         self.inner.poll().await
     }
-    async fn is_wanted(&self, issue: &Issue) -> Result<bool, claude_flow_core::SourceError> {
-        self.inner.is_wanted(issue).await
-    }
-    async fn report_started(
+    async fn report(
         &self,
         issue: &Issue,
-        start: claude_flow_core::StartReport,
+        report: &claude_flow_core::Report,
         reports: &mut claude_flow_core::Reports,
     ) -> Result<(), claude_flow_core::SourceError> {
-        self.inner.report_started(issue, start, reports).await
-    }
-    async fn report_succeeded(
-        &self,
-        issue: &Issue,
-        success: &claude_flow_core::SuccessReport,
-        reports: &mut claude_flow_core::Reports,
-    ) -> Result<(), claude_flow_core::SourceError> {
-        if self
-            .failures_left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+        if matches!(report, claude_flow_core::Report::Succeeded(_))
+            && self
+                .failures_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
         {
             return Err(claude_flow_core::SourceError::Unavailable {
                 what: "PATCH comment".into(),
                 message: "HTTP 502".into(),
             });
         }
-        self.inner.report_succeeded(issue, success, reports).await
-    }
-    async fn report_failed(
-        &self,
-        issue: &Issue,
-        failure: &claude_flow_core::FailureReport,
-        reports: &mut claude_flow_core::Reports,
-    ) -> Result<(), claude_flow_core::SourceError> {
-        self.inner.report_failed(issue, failure, reports).await
+        self.inner.report(issue, report, reports).await
     }
 }
 
@@ -502,7 +491,10 @@ async fn a_report_that_failed_is_repeated_at_the_next_poll_and_only_once() {
         .await
         .unwrap()
         .first()
-        .is_some_and(|r| r.status == IssueStatus::Done && r.reports.outcome_reported)
+        .is_some_and(|r| {
+            r.status == IssueStatus::Done
+                && r.reports.shown == Some(claude_flow_core::Shown::Succeeded)
+        })
     {
         assert!(
             std::time::Instant::now() < deadline,

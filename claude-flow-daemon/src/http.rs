@@ -342,9 +342,12 @@ pub fn health(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         last_poll: status.last_poll.clone(),
         consecutive_poll_failures: status.consecutive_poll_failures,
-        running: status.running.iter().map(ToString::to_string).collect(),
+        running: status.running.clone(),
         running_count: status.running.len(),
+        waiting: status.waiting,
+        reports_owed: status.reports_owed,
         paused_until: status.paused_until,
+        pause_reason: status.pause_reason.clone(),
         stopping: status.stopping,
     }
 }

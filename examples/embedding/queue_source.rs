@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use claude_flow_core::runner::SubprocessSettings;
 use claude_flow_core::{
-    FailureReport, FileStore, Issue, IssueKey, IssueSource, Orchestrator, Reports, Settings,
-    SourceError, StartReport, SubprocessRunner, SuccessReport,
+    FileStore, Issue, IssueKey, IssueSource, Orchestrator, Report, Reports, Settings, SourceError,
+    SubprocessRunner,
 };
 
-/// Issues the program has queued; an issue stays wanted while queued.
+/// Issues the program has queued; an issue stays wanted while queued
+/// (one that leaves the queue is cancelled at the next poll).
 #[derive(Default)]
 struct QueueSource {
     queue: Mutex<Vec<Issue>>,
@@ -38,44 +39,27 @@ impl IssueSource for QueueSource {
         Ok(self.snapshot())
     }
 
-    async fn is_wanted(&self, issue: &Issue) -> Result<bool, SourceError> {
-        Ok(self.snapshot().iter().any(|i| i.key == issue.key))
-    }
-
-    async fn report_started(
+    /// The reporter calls this with each issue's latest state, off the
+    /// workflow slots, and again later if it fails.
+    async fn report(
         &self,
         issue: &Issue,
-        start: StartReport,
+        report: &Report,
         _: &mut Reports,
     ) -> Result<(), SourceError> {
-        println!("{}: attempt {} started", issue.key, start.attempt);
-        Ok(())
-    }
-
-    async fn report_succeeded(
-        &self,
-        issue: &Issue,
-        done: &SuccessReport,
-        _: &mut Reports,
-    ) -> Result<(), SourceError> {
-        println!(
-            "{}: done, PR {}",
-            issue.key,
-            done.pr_url.as_deref().unwrap_or("none")
-        );
-        Ok(())
-    }
-
-    async fn report_failed(
-        &self,
-        issue: &Issue,
-        failure: &FailureReport,
-        _: &mut Reports,
-    ) -> Result<(), SourceError> {
-        println!(
-            "{}: failed after {} attempts: {}",
-            issue.key, failure.attempts, failure.reason
-        );
+        match report {
+            Report::Started(start) => println!("{}: attempt {} started", issue.key, start.attempt),
+            Report::Succeeded(done) => println!(
+                "{}: done, PR {}",
+                issue.key,
+                done.pr_url.as_deref().unwrap_or("none")
+            ),
+            Report::Failed(failure) => println!(
+                "{}: failed after {} attempts: {}",
+                issue.key, failure.attempts, failure.reason
+            ),
+            Report::Cancelled(cancel) => println!("{}: cancelled: {}", issue.key, cancel.reason),
+        }
         Ok(())
     }
 }

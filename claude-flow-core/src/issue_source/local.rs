@@ -5,11 +5,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{FailureReport, IssueSource, StartReport, SuccessReport};
+use super::{IssueSource, Report};
 use crate::error::SourceError;
 use crate::issue::{Issue, IssueKey, PrScope, RepoId};
 use crate::record::Reports;
@@ -20,9 +19,6 @@ use crate::record::Reports;
 pub struct LocalSource {
     dir: PathBuf,
     repo: RepoId,
-    /// Each issue's file as the last scan found it, so that asking whether
-    /// one issue is still wanted costs a `stat`, not a directory scan.
-    files: Arc<Mutex<BTreeMap<u64, PathBuf>>>,
 }
 
 impl LocalSource {
@@ -56,7 +52,6 @@ impl LocalSource {
         Ok(Self {
             dir: absolute,
             repo,
-            files: Arc::default(),
         })
     }
 
@@ -92,10 +87,6 @@ impl LocalSource {
             }
             found.insert(number, path);
         }
-        self.files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone_from(&found);
         Ok(found)
     }
 
@@ -180,54 +171,27 @@ impl IssueSource for LocalSource {
         })?
     }
 
-    async fn is_wanted(&self, issue: &Issue) -> Result<bool, SourceError> {
-        let this = self.clone();
-        let number = issue.key.number;
-        let known = self
-            .files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&number)
-            .cloned();
-        if known.is_some_and(|path| path.is_file()) {
-            return Ok(true);
+    /// Local issues have nowhere to show progress but the log.
+    async fn report(
+        &self,
+        issue: &Issue,
+        report: &Report,
+        _reports: &mut Reports,
+    ) -> Result<(), SourceError> {
+        match report {
+            Report::Started(r) => {
+                tracing::info!(issue = %issue.key, round = r.round, attempt = r.attempt, "workflow started")
+            }
+            Report::Succeeded(r) => {
+                tracing::info!(issue = %issue.key, pr_url = r.pr_url.as_deref().unwrap_or("none"), "issue done")
+            }
+            Report::Failed(r) => {
+                tracing::warn!(issue = %issue.key, attempts = r.attempts, reason = %r.reason, "issue failed")
+            }
+            Report::Cancelled(r) => {
+                tracing::info!(issue = %issue.key, reason = %r.reason, "issue cancelled")
+            }
         }
-        // Gone, renamed, or never seen: only a scan can tell.
-        tokio::task::spawn_blocking(move || Ok(this.scan()?.contains_key(&number)))
-            .await
-            .map_err(|e| SourceError::Unavailable {
-                what: format!("reading {}", self.dir.display()),
-                message: e.to_string(),
-            })?
-    }
-
-    async fn report_started(
-        &self,
-        issue: &Issue,
-        start: StartReport,
-        _reports: &mut Reports,
-    ) -> Result<(), SourceError> {
-        tracing::info!(issue = %issue.key, attempt = start.attempt, "workflow started");
-        Ok(())
-    }
-
-    async fn report_succeeded(
-        &self,
-        issue: &Issue,
-        success: &SuccessReport,
-        _reports: &mut Reports,
-    ) -> Result<(), SourceError> {
-        tracing::info!(issue = %issue.key, pr_url = success.pr_url.as_deref().unwrap_or("none"), "issue done");
-        Ok(())
-    }
-
-    async fn report_failed(
-        &self,
-        issue: &Issue,
-        failure: &FailureReport,
-        _reports: &mut Reports,
-    ) -> Result<(), SourceError> {
-        tracing::warn!(issue = %issue.key, attempts = failure.attempts, reason = %failure.reason, "issue failed");
         Ok(())
     }
 }
@@ -290,13 +254,14 @@ mod tests {
                 ("local/demo#10".to_owned(), "Tenth", "")
             ]
         );
-        assert!(source.is_wanted(&found[0]).await.unwrap());
+        let numbers = |issues: Vec<Issue>| issues.iter().map(|i| i.key.number).collect::<Vec<_>>();
         std::fs::rename(issues.join("2-b.md"), issues.join("2-renamed.md")).unwrap();
-        assert!(
-            source.is_wanted(&found[0]).await.unwrap(),
+        assert_eq!(
+            numbers(source.poll().await.unwrap()),
+            [2, 10],
             "a renamed file is the same issue"
         );
         std::fs::remove_file(issues.join("2-renamed.md")).unwrap();
-        assert!(!source.is_wanted(&found[0]).await.unwrap());
+        assert_eq!(numbers(source.poll().await.unwrap()), [10]);
     }
 }

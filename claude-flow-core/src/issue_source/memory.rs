@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{FailureReport, IssueSource, StartReport, SuccessReport};
+use super::{CancelReport, FailureReport, IssueSource, Report, StartReport, SuccessReport};
 use crate::error::SourceError;
 use crate::issue::{Issue, IssueKey};
 use crate::record::Reports;
@@ -19,10 +19,12 @@ pub enum Reported {
     Succeeded(IssueKey, SuccessReport),
     /// The round failed.
     Failed(IssueKey, FailureReport),
+    /// The round was cancelled.
+    Cancelled(IssueKey, CancelReport),
 }
 
 /// An [`IssueSource`] backed by a list in memory: `poll` returns the
-/// issues currently in it, `is_wanted` says whether an issue still is.
+/// issues currently in it.
 #[derive(Debug, Default)]
 pub struct MemorySource {
     issues: Mutex<Vec<Issue>>,
@@ -77,38 +79,19 @@ impl IssueSource for MemorySource {
             .clone())
     }
 
-    async fn is_wanted(&self, issue: &Issue) -> Result<bool, SourceError> {
-        let issues = self.issues.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(issues.iter().any(|i| i.key == issue.key))
-    }
-
-    async fn report_started(
+    async fn report(
         &self,
         issue: &Issue,
-        start: StartReport,
+        report: &Report,
         _reports: &mut Reports,
     ) -> Result<(), SourceError> {
-        self.record(Reported::Started(issue.key.clone(), start));
-        Ok(())
-    }
-
-    async fn report_succeeded(
-        &self,
-        issue: &Issue,
-        success: &SuccessReport,
-        _reports: &mut Reports,
-    ) -> Result<(), SourceError> {
-        self.record(Reported::Succeeded(issue.key.clone(), success.clone()));
-        Ok(())
-    }
-
-    async fn report_failed(
-        &self,
-        issue: &Issue,
-        failure: &FailureReport,
-        _reports: &mut Reports,
-    ) -> Result<(), SourceError> {
-        self.record(Reported::Failed(issue.key.clone(), failure.clone()));
+        let key = issue.key.clone();
+        self.record(match report {
+            Report::Started(r) => Reported::Started(key, *r),
+            Report::Succeeded(r) => Reported::Succeeded(key, r.clone()),
+            Report::Failed(r) => Reported::Failed(key, r.clone()),
+            Report::Cancelled(r) => Reported::Cancelled(key, r.clone()),
+        });
         Ok(())
     }
 }

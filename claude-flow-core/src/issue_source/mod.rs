@@ -29,7 +29,9 @@ pub use memory::{MemorySource, Reported};
 /// What a source is told when an attempt starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StartReport {
-    /// The attempt number (`CLAUDE_FLOW_ATTEMPT`).
+    /// The round (`CLAUDE_FLOW_ROUND`).
+    pub round: u32,
+    /// The attempt within the round (`CLAUDE_FLOW_ATTEMPT`).
     pub attempt: u32,
     /// Failed attempts of this round so far.
     pub failures: u32,
@@ -40,15 +42,19 @@ pub struct StartReport {
 /// What a source is told when a round succeeds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SuccessReport {
+    /// The round.
+    pub round: u32,
     /// The pull request, when the workflow printed one.
     pub pr_url: Option<String>,
-    /// Which attempt succeeded.
+    /// Which attempt of the round succeeded.
     pub attempt: u32,
 }
 
 /// What a source is told when a round ends in failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailureReport {
+    /// The round.
+    pub round: u32,
     /// Why the last attempt failed.
     pub reason: String,
     /// The last lines of the last attempt's log.
@@ -57,43 +63,71 @@ pub struct FailureReport {
     pub attempts: u32,
 }
 
-/// A source of issues: says which are ready for work, hears how they went.
+/// What a source is told when a round is cancelled (by an operator, or
+/// because the issue stopped being eligible).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelReport {
+    /// The round.
+    pub round: u32,
+    /// Why, in words.
+    pub reason: String,
+    /// Whether an attempt of the round had started (and so was reported).
+    pub started: bool,
+}
+
+/// What an issue should show at its source: the latest state of its
+/// current round. A source brings the issue to this state; the reporter
+/// sends only the latest one, so a superseded state is never sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// An attempt is running (or waiting to run again).
+    Started(StartReport),
+    /// The round succeeded.
+    Succeeded(SuccessReport),
+    /// The round failed after its last attempt.
+    Failed(FailureReport),
+    /// The round was cancelled.
+    Cancelled(CancelReport),
+}
+
+impl Report {
+    /// The round the report is about.
+    pub fn round(&self) -> u32 {
+        match self {
+            Self::Started(r) => r.round,
+            Self::Succeeded(r) => r.round,
+            Self::Failed(r) => r.round,
+            Self::Cancelled(r) => r.round,
+        }
+    }
+}
+
+/// A source of issues: says which are ready for work, and shows how they
+/// are going.
 ///
-/// Implementations must be idempotent in their reports: after a crash the
-/// orchestrator repeats a report whose completion it had not recorded.
-/// `memo` is persisted with the issue's record; a source may keep in it
-/// whatever it needs to stay idempotent (such as a comment id).
+/// Reports are made by a reconciler that runs beside the workflows, never
+/// in their way: it calls [`report`](IssueSource::report) with the latest
+/// state an issue should show, one call at a time per source, retries a
+/// failed call later, and repeats after a restart a report whose
+/// completion was not recorded. Implementations must therefore be
+/// idempotent: reporting the same state twice shows it once. `reports.memo`
+/// is persisted with the issue's record (for the round), so a source may
+/// keep in it whatever it needs for that, such as a comment id.
 #[cfg_attr(any(test, feature = "test-util"), mockall::automock)]
 #[async_trait]
 pub trait IssueSource: Send + Sync {
     /// Every issue ready for work now. A complete answer or an error: a
-    /// partial list would be taken as the truth.
+    /// partial list would be taken as the truth, and an issue missing from
+    /// it is no longer wanted (a running attempt is cancelled, a waiting
+    /// one settles as cancelled).
     async fn poll(&self) -> Result<Vec<Issue>, SourceError>;
 
-    /// Whether the issue is still wanted; `false` cancels a running attempt.
-    async fn is_wanted(&self, issue: &Issue) -> Result<bool, SourceError>;
-
-    /// An attempt is starting.
-    async fn report_started(
+    /// Brings the issue to show `report` (labels, a status comment, or
+    /// whatever the source has).
+    async fn report(
         &self,
         issue: &Issue,
-        start: StartReport,
-        reports: &mut Reports,
-    ) -> Result<(), SourceError>;
-
-    /// The round succeeded, with the pull request when the workflow opened one.
-    async fn report_succeeded(
-        &self,
-        issue: &Issue,
-        success: &SuccessReport,
-        reports: &mut Reports,
-    ) -> Result<(), SourceError>;
-
-    /// The round failed after its last attempt.
-    async fn report_failed(
-        &self,
-        issue: &Issue,
-        failure: &FailureReport,
+        report: &Report,
         reports: &mut Reports,
     ) -> Result<(), SourceError>;
 }

@@ -29,7 +29,10 @@ pub use subprocess::{SubprocessRunner, SubprocessSettings};
 pub struct WorkflowJob {
     /// The issue.
     pub issue: Issue,
-    /// `CLAUDE_FLOW_ATTEMPT`: 1, 2, ...
+    /// `CLAUDE_FLOW_ROUND`: 1, 2, ...; a new round each time the issue is
+    /// triggered again or retried by an operator after it settled.
+    pub round: u32,
+    /// `CLAUDE_FLOW_ATTEMPT`: 1, 2, ... within the round.
     pub attempt: u32,
     /// `CLAUDE_FLOW_RUN_ID`: unique per attempt.
     pub run_id: String,

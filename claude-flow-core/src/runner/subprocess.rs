@@ -31,7 +31,7 @@ pub struct SubprocessSettings {
     pub command: Vec<String>,
     /// Workspaces live in `<workspace_dir>/<owner>__<repo>/issue-<n>`.
     pub workspace_dir: PathBuf,
-    /// Logs go to `<log_dir>/<owner>__<repo>/issue-<n>/attempt-<k>.log`.
+    /// Logs go to `<log_dir>/<owner>__<repo>/issue-<n>/round-<r>-attempt-<k>.log`.
     pub log_dir: PathBuf,
     /// Per attempt.
     pub timeout: Duration,
@@ -104,7 +104,7 @@ impl SubprocessRunner {
             .mode(0o700)
             .create(&logs)
             .map_err(io_err(&logs))?;
-        let stem = format!("attempt-{}", job.attempt);
+        let stem = format!("round-{}-attempt-{}", job.round, job.attempt);
         let body_file = logs.join(format!("{stem}.body"));
         write_private(&body_file, issue.body.as_bytes())?;
         let json_file = logs.join(format!("{stem}.issue.json"));
@@ -177,6 +177,7 @@ impl SubprocessRunner {
         set("CLAUDE_FLOW_ISSUE_BODY_FILE", p.body_file.clone().into());
         set("CLAUDE_FLOW_ISSUE_JSON_FILE", p.json_file.clone().into());
         set("CLAUDE_FLOW_BRANCH", issue.branch().into());
+        set("CLAUDE_FLOW_ROUND", job.round.to_string().into());
         set("CLAUDE_FLOW_ATTEMPT", job.attempt.to_string().into());
         set("CLAUDE_FLOW_WORKSPACE", p.workspace.clone().into());
         set("CLAUDE_FLOW_RUN_ID", job.run_id.clone().into());

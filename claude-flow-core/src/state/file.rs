@@ -28,10 +28,12 @@ use tokio::sync::oneshot;
 use super::StateStore;
 use crate::error::StoreError;
 use crate::issue::IssueKey;
-use crate::record::IssueRecord;
+use crate::record::{IssueRecord, ServiceState};
 
 const JOURNAL: &str = "state.jsonl";
 const LOCK: &str = "lock";
+/// The service-wide state: small, rewritten whole (write, sync, rename).
+const SERVICE: &str = "service.json";
 const HEADER: &str = r#"{"claude_flow_state":1}"#;
 /// Compact when the journal has this many more lines than live records...
 const COMPACT_SLACK: usize = 4096;
@@ -202,6 +204,46 @@ impl StateStore for FileStore {
         let mut all: Vec<IssueRecord> = self.records().values().cloned().collect();
         all.sort_by(|a, b| a.key().cmp(b.key()));
         Ok(all)
+    }
+
+    async fn load_service(&self) -> Result<ServiceState, StoreError> {
+        let path = self.dir.join(SERVICE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path,
+                line: None,
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ServiceState::default()),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    async fn put_service(&self, state: &ServiceState) -> Result<(), StoreError> {
+        if self.writer.is_none() {
+            return Err(StoreError::ReadOnly);
+        }
+        let dir = self.dir.clone();
+        let bytes = serde_json::to_vec(state)
+            .map_err(|e| StoreError::Failed(format!("cannot encode the service state: {e}")))?;
+        tokio::task::spawn_blocking(move || {
+            let path = dir.join(SERVICE);
+            let tmp = dir.join(format!("{SERVICE}.tmp"));
+            let mut out = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_err(&tmp))?;
+            out.write_all(&bytes)
+                .and_then(|()| out.sync_all())
+                .map_err(io_err(&tmp))?;
+            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+            sync_dir(&dir)
+        })
+        .await
+        .map_err(|e| StoreError::Failed(format!("a state write panicked: {e}")))?
     }
 }
 
@@ -701,6 +743,28 @@ mod tests {
         assert_eq!(all.len(), 10);
         let last = u32::try_from(COMPACT_SLACK / 10 + 19).unwrap();
         assert!(all.iter().all(|r| r.round == last));
+    }
+
+    #[tokio::test]
+    async fn the_service_state_survives_reopening_and_readers_see_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        assert_eq!(store.load_service().await.unwrap(), ServiceState::default());
+        let state = ServiceState {
+            paused_until: Some(std::time::SystemTime::UNIX_EPOCH),
+            pause_reason: Some("quota".into()),
+            quota_exits: 2,
+        };
+        store.put_service(&state).await.unwrap();
+        let reader = FileStore::open_read_only(dir.path()).unwrap();
+        assert_eq!(reader.load_service().await.unwrap(), state);
+        assert!(matches!(
+            reader.put_service(&state).await,
+            Err(StoreError::ReadOnly)
+        ));
+        drop(store);
+        let again = FileStore::open(dir.path()).unwrap();
+        assert_eq!(again.load_service().await.unwrap(), state);
     }
 
     #[tokio::test]

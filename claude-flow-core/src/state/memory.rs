@@ -8,13 +8,14 @@ use async_trait::async_trait;
 use super::StateStore;
 use crate::error::StoreError;
 use crate::issue::IssueKey;
-use crate::record::IssueRecord;
+use crate::record::{IssueRecord, ServiceState};
 
 /// A [`StateStore`] that keeps records in a map. Clone the records out with
 /// [`list`](StateStore::list) to assert on them.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     records: Mutex<BTreeMap<IssueKey, IssueRecord>>,
+    service: Mutex<ServiceState>,
 }
 
 impl MemoryStore {
@@ -28,6 +29,7 @@ impl MemoryStore {
         let map = records.into_iter().map(|r| (r.key().clone(), r)).collect();
         Self {
             records: Mutex::new(map),
+            service: Mutex::default(),
         }
     }
 
@@ -53,5 +55,18 @@ impl StateStore for MemoryStore {
 
     async fn list(&self) -> Result<Vec<IssueRecord>, StoreError> {
         Ok(self.map().values().cloned().collect())
+    }
+
+    async fn load_service(&self) -> Result<ServiceState, StoreError> {
+        Ok(self
+            .service
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone())
+    }
+
+    async fn put_service(&self, state: &ServiceState) -> Result<(), StoreError> {
+        *self.service.lock().unwrap_or_else(|e| e.into_inner()) = state.clone();
+        Ok(())
     }
 }

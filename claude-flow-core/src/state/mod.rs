@@ -14,7 +14,7 @@ use async_trait::async_trait;
 
 use crate::error::StoreError;
 use crate::issue::IssueKey;
-use crate::record::IssueRecord;
+use crate::record::{IssueRecord, ServiceState};
 
 pub use file::FileStore;
 #[cfg(any(test, feature = "test-util"))]
@@ -47,4 +47,10 @@ pub trait StateStore: Send + Sync {
 
     /// Every record, as this store currently holds them.
     async fn list(&self) -> Result<Vec<IssueRecord>, StoreError>;
+
+    /// The service-wide state (a quota pause), fresh from durable storage.
+    async fn load_service(&self) -> Result<ServiceState, StoreError>;
+
+    /// Stores the service-wide state durably, replacing the previous one.
+    async fn put_service(&self, state: &ServiceState) -> Result<(), StoreError>;
 }

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use claude_flow_core::{
-    Error, ExitKind, FailureReport, FnRunner, Issue, IssueKey, IssueSource, MemorySource,
+    Error, ExitKind, FnRunner, Issue, IssueKey, IssueSource, MemorySource, Report,
     MemoryStore, Orchestrator, RepoId, Reports, RunOutcome, Secret, Settings, SourceError,
-    StartReport, Status, SuccessReport, Summary, WorkflowJob,
+    Status, Summary, WorkflowJob,
 };
 use claude_flow_daemon::http::{self, HttpState, WebhookConfig};
 use hmac::{Hmac, KeyInit, Mac};
@@ -44,6 +44,7 @@ pub fn settings() -> Settings {
         retry_backoff: Duration::from_millis(10),
         retry_backoff_max: Duration::from_millis(40),
         shutdown_grace: Duration::from_secs(3600),
+        ..Settings::default()
     }
 }
 
@@ -88,32 +89,13 @@ impl IssueSource for Counted {
         self.polls_done.fetch_add(1, Ordering::SeqCst);
         result
     }
-    async fn is_wanted(&self, issue: &Issue) -> Result<bool, SourceError> {
-        self.inner.is_wanted(issue).await
-    }
-    async fn report_started(
+    async fn report(
         &self,
         issue: &Issue,
-        start: StartReport,
+        report: &Report,
         reports: &mut Reports,
     ) -> Result<(), SourceError> {
-        self.inner.report_started(issue, start, reports).await
-    }
-    async fn report_succeeded(
-        &self,
-        issue: &Issue,
-        success: &SuccessReport,
-        reports: &mut Reports,
-    ) -> Result<(), SourceError> {
-        self.inner.report_succeeded(issue, success, reports).await
-    }
-    async fn report_failed(
-        &self,
-        issue: &Issue,
-        failure: &FailureReport,
-        reports: &mut Reports,
-    ) -> Result<(), SourceError> {
-        self.inner.report_failed(issue, failure, reports).await
+        self.inner.report(issue, report, reports).await
     }
 }
 

@@ -198,12 +198,6 @@ impl Client {
         }
     }
 
-    /// GET one resource, conditionally: an unchanged resource costs a 304,
-    /// which GitHub does not count against the rate limit.
-    pub async fn get_conditional<T: DeserializeOwned>(&self, url: Url) -> Result<T, SourceError> {
-        Ok(self.get_page(url, true).await?.0)
-    }
-
     /// Every item of a paginated list, following `Link: rel="next"` to the
     /// end. With `conditional`, each page is asked with its last ETag.
     pub async fn get_all<T: DeserializeOwned>(

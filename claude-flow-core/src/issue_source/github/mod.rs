@@ -35,7 +35,9 @@ use serde_json::json;
 use crate::config::{Config, GithubConfig, Permission};
 use crate::error::{ConfigError, SourceError};
 use crate::issue::{Issue, IssueKey, PrScope, RepoId};
-use crate::issue_source::{FailureReport, IssueSource, StartReport, SuccessReport};
+use crate::issue_source::{
+    CancelReport, FailureReport, IssueSource, Report, StartReport, SuccessReport,
+};
 use crate::record::Reports;
 use crate::secret::Secret;
 
@@ -371,27 +373,22 @@ impl IssueSource for GithubSource {
         Ok(ready)
     }
 
-    async fn is_wanted(&self, issue: &Issue) -> Result<bool, SourceError> {
-        let url = self.issue_url(&issue.key, &[]);
-        let current: wire::Issue = match self.client.get_conditional(url).await {
-            Ok(current) => current,
-            Err(SourceError::NotFound { .. }) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        let wanted = current.state == "open" && current.has_label(&self.config.trigger_label);
-        if !wanted && current.has_label(&self.config.labels.in_progress) {
-            // The orchestrator has no report for a cancelled round, and a
-            // stale "in progress" label would mislead whoever looks.
-            if let Err(e) = self
-                .remove_label(issue, &self.config.labels.in_progress)
-                .await
-            {
-                tracing::warn!(issue = %issue.key, error = %e, "cannot remove the in-progress label");
-            }
+    async fn report(
+        &self,
+        issue: &Issue,
+        report: &Report,
+        reports: &mut Reports,
+    ) -> Result<(), SourceError> {
+        match report {
+            Report::Started(r) => self.report_started(issue, *r, reports).await,
+            Report::Succeeded(r) => self.report_succeeded(issue, r, reports).await,
+            Report::Failed(r) => self.report_failed(issue, r, reports).await,
+            Report::Cancelled(r) => self.report_cancelled(issue, r, reports).await,
         }
-        Ok(wanted)
     }
+}
 
+impl GithubSource {
     async fn report_started(
         &self,
         issue: &Issue,
@@ -454,6 +451,26 @@ impl IssueSource for GithubSource {
             self.write_comment(issue, reports, body).await?;
         }
         reports.memo.insert(MEMO_OUTCOME.into(), "failed".into());
+        Ok(())
+    }
+
+    async fn report_cancelled(
+        &self,
+        issue: &Issue,
+        cancel: &CancelReport,
+        reports: &mut Reports,
+    ) -> Result<(), SourceError> {
+        if reports.memo.get(MEMO_OUTCOME).map(String::as_str) == Some("cancelled") {
+            return Ok(());
+        }
+        if self.config.comment && cancel.started {
+            let body = report::cancelled(&issue.trigger, cancel);
+            self.write_comment(issue, reports, body).await?;
+        }
+        self.remove_label(issue, &self.config.trigger_label).await?;
+        self.remove_label(issue, &self.config.labels.in_progress)
+            .await?;
+        reports.memo.insert(MEMO_OUTCOME.into(), "cancelled".into());
         Ok(())
     }
 }

@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
-use crate::issue_source::{FailureReport, StartReport, SuccessReport};
+use crate::issue_source::{CancelReport, FailureReport, StartReport, SuccessReport};
 use crate::secret::{REDACTED, Secret};
 
 /// GitHub refuses comments over 65,536 characters; the log tail is cut
@@ -48,6 +48,14 @@ pub(crate) fn succeeded(trigger: &str, success: &SuccessReport) -> String {
             marker(trigger)
         ),
     }
+}
+
+pub(crate) fn cancelled(trigger: &str, cancel: &CancelReport) -> String {
+    format!(
+        "{}\n**claude-flow** stopped working on this issue: {}\n\nApply the trigger label again to start a new round.",
+        marker(trigger),
+        cancel.reason.trim()
+    )
 }
 
 pub(crate) fn failed(trigger: &str, failure: &FailureReport, token: &Secret) -> String {
@@ -115,6 +123,7 @@ mod tests {
     fn failure_comments_redact_tokens_and_fence_the_log() {
         let token = Secret::new("s3cr3t-token-value");
         let failure = FailureReport {
+            round: 1,
             reason: "exit code 1".into(),
             log_tail:
                 "using s3cr3t-token-value\nfound ghp_abcdefghijklmnopqrstuvwxyz0123\n````\nend"
@@ -133,6 +142,7 @@ mod tests {
     #[test]
     fn start_comments_count_attempts_within_the_round() {
         let start = StartReport {
+            round: 1,
             attempt: 7,
             failures: 1,
             max_attempts: 3,

@@ -1,0 +1,454 @@
+//! The orchestrator: polls a source, runs workflow attempts with bounded
+//! concurrency, retries with backoff, keeps every transition in the state
+//! store before acting on it, and reports back to the source.
+//!
+//! One loop ([`engine`]) owns the records and makes every decision; it
+//! never awaits the network. Around it, each on its own task:
+//! - [`poller`]: polls the source and hands the results to the loop;
+//! - [`attempt`]: one per running workflow, writing its own transitions
+//!   (so that concurrent attempts' writes share the store's syncs);
+//! - [`reporter`]: brings each issue at the source to the state its
+//!   record says, paced and retried, off the workflow slots.
+//!
+//! [`schedule`] decides what starts next; [`pause`] how long a quota
+//! pause lasts.
+
+mod attempt;
+mod engine;
+mod pause;
+mod poller;
+mod reporter;
+mod schedule;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServiceConfig;
+use crate::error::Error;
+use crate::issue::IssueKey;
+use crate::issue_source::IssueSource;
+use crate::record::IssueRecord;
+use crate::runner::WorkflowRunner;
+use crate::state::StateStore;
+
+/// The orchestrator's tunables; they can change while it runs
+/// ([`Orchestrator::update_settings`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Between polls of the source.
+    pub poll_interval: Duration,
+    /// Attempts running at once.
+    pub max_concurrent: u32,
+    /// Failed attempts per round before the issue is marked failed.
+    pub max_attempts: u32,
+    /// Before retry k: `retry_backoff × 2^(k−1)`, capped at `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    /// The backoff's cap.
+    pub retry_backoff_max: Duration,
+    /// How long a graceful stop waits for running attempts.
+    pub shutdown_grace: Duration,
+    /// The longest pause a quota marker can impose.
+    pub max_pause: Duration,
+    /// Interruptions in a row after which an attempt fails its round.
+    pub max_interruptions: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self::from_config(&ServiceConfig::default())
+    }
+}
+
+impl Settings {
+    /// The settings of a `service` configuration section.
+    pub fn from_config(service: &ServiceConfig) -> Self {
+        Self {
+            poll_interval: service.poll_interval,
+            max_concurrent: service.max_concurrent,
+            max_attempts: service.max_attempts,
+            retry_backoff: service.retry_backoff,
+            retry_backoff_max: service.retry_backoff_max,
+            shutdown_grace: service.shutdown_grace,
+            max_pause: service.max_pause,
+            max_interruptions: service.max_interruptions,
+        }
+    }
+
+    /// The wait before retry `k` (k = failed attempts so far, from 1): the
+    /// capped exponential delay, of which at least half is always waited
+    /// and the rest is random jitter, so that retries of many issues that
+    /// failed together spread out.
+    pub fn backoff(&self, k: u32) -> Duration {
+        let factor = 2u32.saturating_pow(k.saturating_sub(1));
+        let full = self
+            .retry_backoff
+            .saturating_mul(factor)
+            .min(self.retry_backoff_max);
+        let half = full / 2;
+        let jitter = full - half;
+        half + jitter.mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+}
+
+/// How an orchestrator run ended, counting the issues it settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Issues whose workflow succeeded.
+    pub done: usize,
+    /// Issues that failed after their last attempt.
+    pub failed: usize,
+    /// Issues cancelled (no longer eligible, or by an operator).
+    pub cancelled: usize,
+    /// Attempts interrupted by the shutdown (they run again after a restart).
+    pub interrupted: usize,
+}
+
+/// Builds an [`Orchestrator`].
+#[derive(Default)]
+pub struct OrchestratorBuilder {
+    source: Option<Arc<dyn IssueSource>>,
+    runner: Option<Arc<dyn WorkflowRunner>>,
+    store: Option<Arc<dyn StateStore>>,
+    settings: Settings,
+}
+
+impl std::fmt::Debug for OrchestratorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrchestratorBuilder")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OrchestratorBuilder {
+    /// Where issues come from (required).
+    pub fn source(mut self, source: Arc<dyn IssueSource>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// What runs the workflow (required).
+    pub fn runner(mut self, runner: Arc<dyn WorkflowRunner>) -> Self {
+        self.runner = Some(runner);
+        self
+    }
+
+    /// Where records are kept (required).
+    pub fn store(mut self, store: Arc<dyn StateStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Tunables; defaults to CONTRACT section 3's defaults.
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// The orchestrator, or an error naming the missing part.
+    pub fn build(self) -> Result<Orchestrator, Error> {
+        let missing = |what: &str| Error::Other(format!("OrchestratorBuilder: no {what} given"));
+        let (settings, _) = watch::channel(self.settings);
+        let (status, _) = watch::channel(Status::default());
+        let (commands, inbox) = mpsc::unbounded_channel();
+        Ok(Orchestrator {
+            shared: Arc::new(Shared {
+                source: RwLock::new(self.source.ok_or_else(|| missing("source"))?),
+                runner: RwLock::new(self.runner.ok_or_else(|| missing("runner"))?),
+                store: self.store.ok_or_else(|| missing("store"))?,
+            }),
+            settings,
+            status,
+            commands,
+            inbox: Mutex::new(Some(inbox)),
+            engine_running: AtomicBool::new(false),
+            poll_now: Arc::new(Notify::new()),
+            hurry: Arc::new(Notify::new()),
+        })
+    }
+}
+
+struct Shared {
+    /// Swappable so that a configuration reload (new labels, say) takes
+    /// effect for new work while running attempts keep the one they had.
+    source: RwLock<Arc<dyn IssueSource>>,
+    runner: RwLock<Arc<dyn WorkflowRunner>>,
+    store: Arc<dyn StateStore>,
+}
+
+impl Shared {
+    fn source(&self) -> Arc<dyn IssueSource> {
+        Arc::clone(&self.source.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn runner(&self) -> Arc<dyn WorkflowRunner> {
+        Arc::clone(&self.runner.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Turns ready issues into workflow attempts. Build it with
+/// [`Orchestrator::builder`], then call [`run`](Orchestrator::run) (until
+/// shutdown) or [`run_once`](Orchestrator::run_once).
+pub struct Orchestrator {
+    shared: Arc<Shared>,
+    settings: watch::Sender<Settings>,
+    status: watch::Sender<Status>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Taken by the running loop and put back when it ends.
+    inbox: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
+    engine_running: AtomicBool,
+    poll_now: Arc<Notify>,
+    hurry: Arc<Notify>,
+}
+
+/// What the orchestrator is doing: for health checks and status pages.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Status {
+    /// The last poll, once there was one.
+    pub last_poll: Option<PollResult>,
+    /// Polls that failed in a row (0 after a success).
+    pub consecutive_poll_failures: u32,
+    /// Running attempts, by issue.
+    pub running: Vec<RunningAttempt>,
+    /// Issues waiting for a slot or a retry.
+    pub waiting: usize,
+    /// Issues whose state is not shown at the source yet (reports queued
+    /// or being retried).
+    pub reports_owed: usize,
+    /// No workflow starts before this (a quota pause).
+    #[serde(with = "humantime_serde")]
+    pub paused_until: Option<SystemTime>,
+    /// Why the service is paused.
+    pub pause_reason: Option<String>,
+    /// A graceful stop is under way.
+    pub stopping: bool,
+    /// Counts the scheduler loop's turns; the loop turns at least once a
+    /// second, so a counter that stops moving means a hung loop (what a
+    /// watchdog should catch).
+    pub heartbeat: u64,
+}
+
+/// One running attempt (CONTRACT section 6, `status --json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningAttempt {
+    /// `owner/name#n`.
+    #[serde(with = "display")]
+    pub issue: IssueKey,
+    /// `CLAUDE_FLOW_ROUND`.
+    pub round: u32,
+    /// `CLAUDE_FLOW_ATTEMPT`.
+    pub attempt: u32,
+    /// When it started.
+    #[serde(with = "humantime_serde")]
+    pub started_at: SystemTime,
+}
+
+/// An issue key as `owner/name#n` in JSON.
+mod display {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::issue::IssueKey;
+
+    pub fn serialize<S: Serializer>(key: &IssueKey, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(key)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IssueKey, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a poll went (also as `/healthz` reports it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollResult {
+    /// When it ended.
+    #[serde(with = "humantime_serde")]
+    pub at: SystemTime,
+    /// How long it took.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Issues found ready, when it succeeded.
+    pub ready: Option<usize>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+}
+
+enum Command {
+    Retry(IssueKey, oneshot::Sender<Result<IssueRecord, Error>>),
+    Cancel(IssueKey, oneshot::Sender<Result<IssueRecord, Error>>),
+    Resume(oneshot::Sender<Result<(), Error>>),
+}
+
+impl Command {
+    /// Answers the command with "not running" (the loop has ended).
+    fn refuse(self, why: &str) {
+        let e = || Error::NotRunning(why.to_owned());
+        match self {
+            Self::Retry(_, reply) | Self::Cancel(_, reply) => {
+                let _ = reply.send(Err(e()));
+            }
+            Self::Resume(reply) => {
+                let _ = reply.send(Err(e()));
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("settings", &*self.settings.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Forever,
+    Once,
+}
+
+impl Orchestrator {
+    /// A builder.
+    pub fn builder() -> OrchestratorBuilder {
+        OrchestratorBuilder::default()
+    }
+
+    /// Replaces the settings; a running loop picks them up at once. Running
+    /// attempts are not affected.
+    pub fn update_settings(&self, settings: Settings) {
+        self.settings.send_replace(settings);
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> Settings {
+        self.settings.borrow().clone()
+    }
+
+    /// Asks a running loop to poll now instead of at the next interval.
+    pub fn poll_now(&self) {
+        self.poll_now.notify_one();
+    }
+
+    /// Replaces the source for new work (a configuration reload); running
+    /// attempts report to the source they started with.
+    pub fn set_source(&self, source: Arc<dyn IssueSource>) {
+        *self
+            .shared
+            .source
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = source;
+    }
+
+    /// Replaces the runner for new attempts (a configuration reload);
+    /// running attempts finish with the runner they started with.
+    pub fn set_runner(&self, runner: Arc<dyn WorkflowRunner>) {
+        *self
+            .shared
+            .runner
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = runner;
+    }
+
+    /// Ends a graceful stop's wait at once: running attempts are cancelled
+    /// now (SIGTERM, then SIGKILL after the runner's grace) and recorded as
+    /// interrupted. Called before a stop, it makes the next stop skip its
+    /// wait.
+    pub fn hurry(&self) {
+        self.hurry.notify_one();
+    }
+
+    /// What the orchestrator is doing now.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// Follows the status as it changes.
+    pub fn subscribe_status(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    /// Queues an issue again, through the running loop: a new round for a
+    /// settled issue, an attempt as soon as possible for a waiting one.
+    pub async fn retry(&self, key: &IssueKey) -> Result<IssueRecord, Error> {
+        self.command(|reply| Command::Retry(key.clone(), reply))
+            .await
+    }
+
+    /// Cancels an issue through the running loop: a running attempt is
+    /// stopped (SIGTERM, then SIGKILL) and the issue settles as cancelled;
+    /// the source is told (trigger and in-progress labels removed).
+    pub async fn cancel(&self, key: &IssueKey) -> Result<IssueRecord, Error> {
+        self.command(|reply| Command::Cancel(key.clone(), reply))
+            .await
+    }
+
+    /// Ends a quota pause now, through the running loop.
+    pub async fn resume(&self) -> Result<(), Error> {
+        self.command(Command::Resume).await
+    }
+
+    async fn command<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+    ) -> Result<T, Error> {
+        let not_running = || Error::NotRunning("the orchestrator is not running".into());
+        if !self.engine_running.load(Ordering::SeqCst) {
+            return Err(not_running());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).map_err(|_| not_running())?;
+        answer.await.map_err(|_| not_running())?
+    }
+
+    /// Polls every `poll_interval` and runs what is ready until `shutdown`
+    /// fires; then stops gracefully (see [`Settings::shutdown_grace`]).
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<Summary, Error> {
+        self.run_engine(Mode::Forever, shutdown).await
+    }
+
+    /// Polls once, then works until every issue found eligible is settled
+    /// (done, failed after its last attempt, or cancelled), waiting out
+    /// retry backoff. Stops early, gracefully, if `shutdown` fires.
+    pub async fn run_once(&self, shutdown: CancellationToken) -> Result<Summary, Error> {
+        self.run_engine(Mode::Once, shutdown).await
+    }
+
+    async fn run_engine(&self, mode: Mode, shutdown: CancellationToken) -> Result<Summary, Error> {
+        let inbox = self
+            .inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Error::Other("the orchestrator is already running".into()))?;
+        self.engine_running.store(true, Ordering::SeqCst);
+        self.status.send_replace(Status::default());
+        let mut engine = engine::Engine::new(
+            Arc::clone(&self.shared),
+            mode,
+            self.settings.subscribe(),
+            self.status.clone(),
+            inbox,
+            Arc::clone(&self.poll_now),
+            Arc::clone(&self.hurry),
+        );
+        let result = engine.run(shutdown).await;
+        self.engine_running.store(false, Ordering::SeqCst);
+        // Commands sent while the loop ended get their error, not a hang.
+        let mut inbox = engine.into_inbox();
+        inbox.close();
+        while let Ok(command) = inbox.try_recv() {
+            command.refuse("the orchestrator is stopping");
+        }
+        *self.inbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(inbox);
+        result
+    }
+}
