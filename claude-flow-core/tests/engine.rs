@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use claude_flow_core::{
     Attempt, AttemptOutcome, ExitKind, FnRunner, Issue, IssueKey, IssueRecord, IssueSource,
-    IssueStatus, MemorySource, MemoryStore, Orchestrator, Report, Reports, RunOutcome, Settings,
-    SourceError, StateStore, WorkflowJob,
+    IssueStatus, MemorySource, MemoryStore, Orchestrator, Report, Reported, Reports, RunOutcome,
+    ServiceState, Settings, Shown, SourceError, StateStore, WorkflowJob,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -335,4 +335,345 @@ async fn attempts_count_from_one_in_every_round() {
     let after = store.get(&key(1)).await.unwrap().unwrap();
     assert_eq!((after.round, after.summary().attempts), (2, 1));
     assert_eq!(after.last_attempt().unwrap().number, 1);
+}
+
+/// A source whose reports wait for a permit each, so a test can hold the
+/// reporter while the engine moves on.
+struct GatedReports {
+    inner: MemorySource,
+    gate: tokio::sync::Semaphore,
+    entered: tokio::sync::Notify,
+}
+
+impl GatedReports {
+    fn new(issues: impl IntoIterator<Item = Issue>) -> Self {
+        Self {
+            inner: MemorySource::new(issues),
+            gate: tokio::sync::Semaphore::new(0),
+            entered: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl IssueSource for GatedReports {
+    async fn poll(&self) -> Result<Vec<Issue>, SourceError> {
+        self.inner.poll().await
+    }
+    async fn report(
+        &self,
+        issue: &Issue,
+        report: &Report,
+        reports: &mut Reports,
+    ) -> Result<(), SourceError> {
+        self.entered.notify_one();
+        self.gate.acquire().await.unwrap().forget();
+        self.inner.report(issue, report, reports).await
+    }
+}
+
+fn reports_of(source: &MemorySource, n: u64) -> Vec<String> {
+    source
+        .reports()
+        .into_iter()
+        .filter_map(|r| match r {
+            Reported::Started(k, s) if k == key(n) => {
+                Some(format!("started r{} a{}", s.round, s.attempt))
+            }
+            Reported::Succeeded(k, s) if k == key(n) => Some(format!("succeeded r{}", s.round)),
+            Reported::Failed(k, f) if k == key(n) => Some(format!("failed r{}", f.round)),
+            Reported::Cancelled(k, c) if k == key(n) => {
+                Some(format!("cancelled r{}: {}", c.round, c.reason))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_start_report_still_queued_when_the_round_ends_is_never_sent() {
+    let source = Arc::new(GatedReports::new([issue(1), issue(2)]));
+    let store = Arc::new(MemoryStore::new());
+    let orchestrator = build(
+        source.clone(),
+        FnRunner::new(|_job, _cancel| async { Ok(exit(0)) }),
+        store.clone(),
+        settings(),
+    );
+    let (shutdown, task) = run(&orchestrator);
+    // The reporter is held in its first report while both rounds end.
+    source.entered.notified().await;
+    for n in 1..=2 {
+        wait_record(&store, &key(n), "done", |r| r.status == IssueStatus::Done).await;
+    }
+    source.gate.add_permits(100);
+    for n in 1..=2 {
+        wait_record(&store, &key(n), "the report", |r| {
+            r.reports.shown == Some(Shown::Succeeded)
+        })
+        .await;
+    }
+    // One issue's start was already being reported; the other's start
+    // was superseded before it was sent.
+    let sent: Vec<_> = (1..=2).map(|n| reports_of(&source.inner, n)).collect();
+    let starts = sent.iter().flatten().filter(|r| r.starts_with("started")).count();
+    assert_eq!(starts, 1, "{sent:?}");
+    for reports in &sent {
+        assert_eq!(reports.last().map(String::as_str), Some("succeeded r1"), "{sent:?}");
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_operator_cancel_is_reported_with_its_reason() {
+    let source = Arc::new(MemorySource::new([issue(1)]));
+    let store = Arc::new(MemoryStore::new());
+    let runner = FnRunner::new(|_job, cancel: CancellationToken| async move {
+        cancel.cancelled().await;
+        Ok(RunOutcome {
+            exit: ExitKind::Cancelled,
+            ..exit(1)
+        })
+    });
+    let orchestrator = build(source.clone(), runner, store.clone(), settings());
+    let (shutdown, task) = run(&orchestrator);
+    let mut watch = orchestrator.subscribe_status();
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        watch.wait_for(|s| !s.running.is_empty()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    let running = &status.running[0];
+    assert_eq!((running.issue.clone(), running.round, running.attempt), (key(1), 1, 1));
+    orchestrator.cancel(&key(1)).await.unwrap();
+    let record = wait_record(&store, &key(1), "the cancel report", |r| {
+        r.reports.shown == Some(Shown::Cancelled)
+    })
+    .await;
+    assert_eq!(record.status, IssueStatus::Cancelled);
+    let sent = reports_of(&source, 1);
+    assert_eq!(
+        sent.last().map(String::as_str),
+        Some("cancelled r1: cancelled by an operator"),
+        "{sent:?}"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_outcome_never_reported_before_a_crash_is_reported_once_after_it() {
+    let mut record = IssueRecord::new(issue(1));
+    let mut attempt = interrupted_attempt(1, 1);
+    attempt.outcome = Some(AttemptOutcome::Succeeded);
+    record.attempts.push(attempt);
+    record.status = IssueStatus::Done;
+    let mut reported = IssueRecord::new(issue(2));
+    reported.status = IssueStatus::Done;
+    reported.attempts.push(record.attempts[0].clone());
+    reported.reports.shown = Some(Shown::Succeeded);
+    let store = Arc::new(MemoryStore::with_records([record, reported]));
+    let source = Arc::new(MemorySource::new([]));
+    let orchestrator = build(
+        source.clone(),
+        FnRunner::new(|_job, _cancel| async { Ok(exit(0)) }),
+        store.clone(),
+        settings(),
+    );
+    orchestrator
+        .run_once(CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(reports_of(&source, 1), ["succeeded r1"]);
+    assert!(reports_of(&source, 2).is_empty());
+    let after = store.get(&key(1)).await.unwrap().unwrap();
+    assert_eq!(after.reports.shown, Some(Shown::Succeeded));
+}
+
+#[tokio::test]
+async fn an_old_rounds_late_report_does_not_overwrite_the_new_rounds() {
+    let source = Arc::new(GatedReports::new([issue(1)]));
+    let store = Arc::new(MemoryStore::new());
+    let orchestrator = build(
+        source.clone(),
+        FnRunner::new(|job: WorkflowJob, _cancel| async move {
+            Ok(exit(if job.round == 1 { 1 } else { 0 }))
+        }),
+        store.clone(),
+        Settings {
+            max_attempts: 1,
+            ..settings()
+        },
+    );
+    let (shutdown, task) = run(&orchestrator);
+    wait_record(&store, &key(1), "round 1 to fail", |r| {
+        r.status == IssueStatus::Failed
+    })
+    .await;
+    // The operator retries while round 1's reports are still held.
+    orchestrator.retry(&key(1)).await.unwrap();
+    wait_record(&store, &key(1), "round 2 to succeed", |r| {
+        r.round == 2 && r.status == IssueStatus::Done
+    })
+    .await;
+    source.gate.add_permits(100);
+    let record = wait_record(&store, &key(1), "round 2's report", |r| {
+        r.reports.shown == Some(Shown::Succeeded)
+    })
+    .await;
+    assert_eq!(record.round, 2);
+    let sent = reports_of(&source.inner, 1);
+    assert_eq!(sent.last().map(String::as_str), Some("succeeded r2"), "{sent:?}");
+    assert!(!sent.iter().any(|r| r == "succeeded r1"), "{sent:?}");
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A source whose polls never return: GitHub hanging.
+struct HangingPolls;
+
+#[async_trait]
+impl IssueSource for HangingPolls {
+    async fn poll(&self) -> Result<Vec<Issue>, SourceError> {
+        std::future::pending().await
+    }
+    async fn report(&self, _: &Issue, _: &Report, _: &mut Reports) -> Result<(), SourceError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_loop_keeps_turning_and_stops_while_a_poll_hangs() {
+    let orchestrator = build(
+        Arc::new(HangingPolls),
+        FnRunner::new(|_job, _cancel| async { Ok(exit(0)) }),
+        Arc::new(MemoryStore::new()),
+        settings(),
+    );
+    let (shutdown, task) = run(&orchestrator);
+    let mut watch = orchestrator.subscribe_status();
+    // The heartbeat (what the systemd watchdog follows) keeps moving...
+    tokio::time::timeout(Duration::from_secs(60), watch.wait_for(|s| s.heartbeat >= 3))
+        .await
+        .expect("the loop waited on the poll")
+        .unwrap();
+    // ...operators get answers...
+    let err = orchestrator.retry(&key(1)).await.unwrap_err();
+    assert!(err.to_string().contains("acme/app#1"), "{err}");
+    orchestrator.resume().await.unwrap();
+    // ...and a stop does not wait for the poll.
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("shutdown waited on the poll")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_pause_survives_a_restart_and_resume_ends_it() {
+    let store = Arc::new(MemoryStore::new());
+    let until = SystemTime::now() + Duration::from_secs(3600);
+    store
+        .put_service(&ServiceState {
+            paused_until: Some(until),
+            pause_reason: Some("quota".into()),
+            quota_exits: 1,
+        })
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = Arc::clone(&runs);
+    let runner = FnRunner::new(move |_job, _cancel| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async { Ok(exit(0)) }
+    });
+    let orchestrator = build(
+        Arc::new(MemorySource::new([issue(1)])),
+        runner,
+        store.clone(),
+        settings(),
+    );
+    let (shutdown, task) = run(&orchestrator);
+    let mut watch = orchestrator.subscribe_status();
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        watch.wait_for(|s| s.last_poll.is_some() && s.heartbeat > 2),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    assert_eq!(status.paused_until, Some(until));
+    assert_eq!(status.pause_reason.as_deref(), Some("quota"));
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "started while paused");
+    orchestrator.resume().await.unwrap();
+    wait_record(&store, &key(1), "the issue to run", |r| {
+        r.status == IssueStatus::Done
+    })
+    .await;
+    assert_eq!(store.load_service().await.unwrap().paused_until, None);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn consecutive_quota_exits_double_the_pause_and_resume_ends_the_streak() {
+    let store = Arc::new(MemoryStore::new());
+    // One quota exit just before a restart: the next one is the second.
+    store
+        .put_service(&ServiceState {
+            quota_exits: 1,
+            ..ServiceState::default()
+        })
+        .await
+        .unwrap();
+    let started = SystemTime::now();
+    let orchestrator = build(
+        Arc::new(MemorySource::new([issue(1)])),
+        FnRunner::new(|_job, _cancel| async { Ok(quota(SystemTime::UNIX_EPOCH)) }),
+        store.clone(),
+        Settings {
+            retry_backoff: Duration::from_secs(600),
+            retry_backoff_max: Duration::from_secs(7200),
+            ..settings()
+        },
+    );
+    let (shutdown, task) = run(&orchestrator);
+    let mut watch = orchestrator.subscribe_status();
+    let first = tokio::time::timeout(
+        Duration::from_secs(60),
+        watch.wait_for(|s| s.paused_until.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .paused_until
+    .unwrap();
+    let length = first.duration_since(started).unwrap();
+    assert!(length >= Duration::from_secs(1200), "{length:?}");
+    let before_resume = SystemTime::now();
+    orchestrator.resume().await.unwrap();
+    // Resuming ends the streak too: the next exit pauses for the backoff.
+    let second = tokio::time::timeout(
+        Duration::from_secs(60),
+        watch.wait_for(|s| s.paused_until.is_some_and(|t| t != first)),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .paused_until
+    .unwrap();
+    let length = second.duration_since(before_resume).unwrap();
+    assert!(
+        length >= Duration::from_secs(600) && length < Duration::from_secs(1200),
+        "{length:?}"
+    );
+    assert_eq!(store.load_service().await.unwrap().quota_exits, 1);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
 }

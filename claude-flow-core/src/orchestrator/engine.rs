@@ -166,6 +166,11 @@ impl Engine {
             }
         }
         drop(poller);
+        // Reports that went through just now are remembered, so that a
+        // restart does not repeat them.
+        while let Ok(done) = delivered.try_recv() {
+            self.delivered(done).await;
+        }
         match self.failure.take() {
             Some(e) => Err(e),
             None => Ok(self.summary),

@@ -220,10 +220,16 @@ impl Worker {
     }
 
     async fn deliver(&mut self, key: IssueKey, was_fresh: bool) {
+        self.try_report(key).await;
+        // Counted only now, after the loop was told of a success, so that
+        // a loop that sees zero has every delivery in its channel.
+        if was_fresh {
+            self.tried();
+        }
+    }
+
+    async fn try_report(&mut self, key: IssueKey) {
         let Some(entry) = self.entries.get_mut(&key) else {
-            if was_fresh {
-                self.tried();
-            }
             return;
         };
         entry.state = State::InFlight;
@@ -243,9 +249,6 @@ impl Worker {
             .report(&want.issue, &report, &mut reports)
             .instrument(span)
             .await;
-        if was_fresh {
-            self.tried();
-        }
         // Newer states may have arrived meanwhile.
         while let Ok(newer) = self.inbox.try_recv() {
             self.take(newer);
