@@ -119,9 +119,10 @@ impl Fixture {
         self.path(&format!("state/workspaces/local__issues/issue-{n}"))
     }
 
+    /// The log of attempt `attempt` of round 1.
     pub fn log(&self, n: u64, attempt: u32) -> PathBuf {
         self.path(&format!(
-            "state/logs/local__issues/issue-{n}/attempt-{attempt}.log"
+            "state/logs/local__issues/issue-{n}/round-1-attempt-{attempt}.log"
         ))
     }
 }
