@@ -416,10 +416,18 @@ async fn a_start_report_still_queued_when_the_round_ends_is_never_sent() {
     // One issue's start was already being reported; the other's start
     // was superseded before it was sent.
     let sent: Vec<_> = (1..=2).map(|n| reports_of(&source.inner, n)).collect();
-    let starts = sent.iter().flatten().filter(|r| r.starts_with("started")).count();
+    let starts = sent
+        .iter()
+        .flatten()
+        .filter(|r| r.starts_with("started"))
+        .count();
     assert_eq!(starts, 1, "{sent:?}");
     for reports in &sent {
-        assert_eq!(reports.last().map(String::as_str), Some("succeeded r1"), "{sent:?}");
+        assert_eq!(
+            reports.last().map(String::as_str),
+            Some("succeeded r1"),
+            "{sent:?}"
+        );
     }
     shutdown.cancel();
     task.await.unwrap().unwrap();
@@ -448,7 +456,10 @@ async fn an_operator_cancel_is_reported_with_its_reason() {
     .unwrap()
     .clone();
     let running = &status.running[0];
-    assert_eq!((running.issue.clone(), running.round, running.attempt), (key(1), 1, 1));
+    assert_eq!(
+        (running.issue.clone(), running.round, running.attempt),
+        (key(1), 1, 1)
+    );
     orchestrator.cancel(&key(1)).await.unwrap();
     let record = wait_record(&store, &key(1), "the cancel report", |r| {
         r.reports.shown == Some(Shown::Cancelled)
@@ -527,7 +538,11 @@ async fn an_old_rounds_late_report_does_not_overwrite_the_new_rounds() {
     .await;
     assert_eq!(record.round, 2);
     let sent = reports_of(&source.inner, 1);
-    assert_eq!(sent.last().map(String::as_str), Some("succeeded r2"), "{sent:?}");
+    assert_eq!(
+        sent.last().map(String::as_str),
+        Some("succeeded r2"),
+        "{sent:?}"
+    );
     assert!(!sent.iter().any(|r| r == "succeeded r1"), "{sent:?}");
     shutdown.cancel();
     task.await.unwrap().unwrap();
@@ -557,10 +572,13 @@ async fn the_loop_keeps_turning_and_stops_while_a_poll_hangs() {
     let (shutdown, task) = run(&orchestrator);
     let mut watch = orchestrator.subscribe_status();
     // The heartbeat (what the systemd watchdog follows) keeps moving...
-    tokio::time::timeout(Duration::from_secs(60), watch.wait_for(|s| s.heartbeat >= 3))
-        .await
-        .expect("the loop waited on the poll")
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        watch.wait_for(|s| s.heartbeat >= 3),
+    )
+    .await
+    .expect("the loop waited on the poll")
+    .unwrap();
     // ...operators get answers...
     let err = orchestrator.retry(&key(1)).await.unwrap_err();
     assert!(err.to_string().contains("acme/app#1"), "{err}");

@@ -108,7 +108,11 @@ async fn the_api_lists_retries_and_cancels_issues() {
         .await;
     service
         .wait_status("#1 running", |s| {
-            s.running.iter().map(|r| r.issue.clone()).collect::<Vec<_>>() == vec![key(1)]
+            s.running
+                .iter()
+                .map(|r| r.issue.clone())
+                .collect::<Vec<_>>()
+                == vec![key(1)]
         })
         .await;
 

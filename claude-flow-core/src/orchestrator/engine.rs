@@ -210,7 +210,8 @@ impl Engine {
                     attempt.outcome = Some(AttemptOutcome::Interrupted);
                     attempt.finished_at = Some(now);
                 }
-                let span = tracing::info_span!("issue", issue = %record.key(), round = record.round);
+                let span =
+                    tracing::info_span!("issue", issue = %record.key(), round = record.round);
                 span.in_scope(|| attempt::interrupted(&mut record, &settings));
                 self.shared.store.put(&record).await?;
             }
@@ -287,8 +288,7 @@ impl Engine {
             .cloned()
             .collect();
         for key in unwanted {
-            self.cancel_waiting(&key, attempt::UNWANTED, reporter)
-                .await;
+            self.cancel_waiting(&key, attempt::UNWANTED, reporter).await;
         }
         self.publish(reporter, |_| {});
     }
@@ -306,21 +306,22 @@ impl Engine {
                     changed.push(IssueRecord::new(issue));
                 }
                 None => {}
-                Some(record) if record.status.is_settled() => {
-                    if admit && record.issue.trigger != issue.trigger {
-                        tracing::info!(issue = %key, round = record.round + 1, "triggered again: new round");
-                        record.issue = issue;
-                        record.start_new_round();
-                        changed.push(record.clone());
-                    }
+                Some(record)
+                    if record.status.is_settled()
+                        && admit
+                        && record.issue.trigger != issue.trigger =>
+                {
+                    tracing::info!(issue = %key, round = record.round + 1, "triggered again: new round");
+                    record.issue = issue;
+                    record.start_new_round();
+                    changed.push(record.clone());
                 }
-                Some(record) => {
-                    if record.issue != issue {
-                        record.issue = issue;
-                        record.updated_at = SystemTime::now();
-                        changed.push(record.clone());
-                    }
+                Some(record) if !record.status.is_settled() && record.issue != issue => {
+                    record.issue = issue;
+                    record.updated_at = SystemTime::now();
+                    changed.push(record.clone());
                 }
+                Some(_) => {}
             }
         }
         put_all(&self.shared.store, &changed).await?;
@@ -366,8 +367,7 @@ impl Engine {
             // An attempt that ended after the last poll said its issue was
             // gone is not started again.
             if !self.eligible.contains(&key) {
-                self.cancel_waiting(&key, attempt::UNWANTED, reporter)
-                    .await;
+                self.cancel_waiting(&key, attempt::UNWANTED, reporter).await;
                 continue;
             }
             self.start(key, settings, reporter);
@@ -404,7 +404,8 @@ impl Engine {
             attempt: number,
             started_at: now,
         };
-        let span = tracing::info_span!("issue", issue = %key, round = record.round, attempt = number);
+        let span =
+            tracing::info_span!("issue", issue = %key, round = record.round, attempt = number);
         let task = attempt::run(
             Arc::clone(&self.shared),
             settings.clone(),
@@ -562,7 +563,11 @@ impl Engine {
                 round,
                 reason: record.last_error.clone().unwrap_or_default(),
                 log_tail: String::new(),
-                attempts: record.attempts_this_round().count().try_into().unwrap_or(u32::MAX),
+                attempts: record
+                    .attempts_this_round()
+                    .count()
+                    .try_into()
+                    .unwrap_or(u32::MAX),
             }),
             Shown::Cancelled => Report::Cancelled(CancelReport {
                 round,
@@ -587,9 +592,9 @@ impl Engine {
         let key = record.key().clone();
         let wait = match record.status {
             IssueStatus::Queued => Some(Wait::Ready(record.updated_at)),
-            IssueStatus::Retrying => Some(Wait::Due(
-                record.next_retry_at.unwrap_or(record.updated_at),
-            )),
+            IssueStatus::Retrying => {
+                Some(Wait::Due(record.next_retry_at.unwrap_or(record.updated_at)))
+            }
             _ => None,
         };
         if !self.running.contains_key(&key) {
@@ -691,9 +696,9 @@ impl Engine {
     }
 
     fn once_finished(&self, reporter: &Reporter) -> bool {
-        self.once_set.as_ref().is_some_and(|owed| {
-            owed.is_empty() && self.attempts.is_empty() && reporter.all_tried()
-        })
+        self.once_set
+            .as_ref()
+            .is_some_and(|owed| owed.is_empty() && self.attempts.is_empty() && reporter.all_tried())
     }
 
     /// The next time the loop must look without an event: a retry falling

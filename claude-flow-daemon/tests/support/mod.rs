@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use claude_flow_core::{
-    Error, ExitKind, FnRunner, Issue, IssueKey, IssueSource, MemorySource, Report,
-    MemoryStore, Orchestrator, RepoId, Reports, RunOutcome, Secret, Settings, SourceError,
-    Status, Summary, WorkflowJob,
+    Error, ExitKind, FnRunner, Issue, IssueKey, IssueSource, MemorySource, MemoryStore,
+    Orchestrator, RepoId, Report, Reports, RunOutcome, Secret, Settings, SourceError, Status,
+    Summary, WorkflowJob,
 };
 use claude_flow_daemon::http::{self, HttpState, WebhookConfig};
 use hmac::{Hmac, KeyInit, Mac};
