@@ -6,6 +6,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use claude_flow_core::config::{GithubConfig, Permission};
 use claude_flow_core::{
     CancelReport, FailureReport, GithubSource, Issue, IssueSource, PrScope, Report, Reports,
@@ -260,6 +262,51 @@ async fn a_changed_issue_is_examined_again() {
     assert_eq!(numbers(&issues), [1]);
     assert_eq!(issues[0].trigger, trigger(12));
     gh.server.verify().await;
+}
+
+#[tokio::test]
+async fn the_first_poll_of_a_busy_repository_examines_issues_several_at_a_time() {
+    // Timelines are answered only once 8 are asked at once: a source
+    // examining one issue after another would wait forever (the timeout
+    // below ends the test), so no clock is read.
+    const ISSUES: u64 = 300;
+    let labeler = |n: u64| format!("maintainer-{}", n % 7);
+    let gh = HeldTimelines::start(ISSUES, 8, labeler).await;
+    let source = GithubSource::new(
+        &config(&gh.uri),
+        claude_flow_core::Secret::new(TOKEN),
+        fast_settings(),
+    )
+    .unwrap();
+
+    let issues = tokio::time::timeout(Duration::from_secs(30), source.poll())
+        .await
+        .expect("timelines were never asked 8 at a time")
+        .unwrap();
+
+    // Oldest first, as listed, whatever order the answers came in.
+    let expected: Vec<u64> = (1..=ISSUES).collect();
+    assert_eq!(numbers(&issues), expected);
+    assert!(
+        issues
+            .iter()
+            .all(|i| i.trigger == trigger(1000 + i.key.number))
+    );
+    // Bounded: never more than 8 at once.
+    assert_eq!(gh.stats.peak.load(std::sync::atomic::Ordering::SeqCst), 8);
+    for n in [1, 150, ISSUES] {
+        assert_eq!(gh.count(&format!("GET {REPO}/issues/{n}/timeline")), 1);
+    }
+    // Issues examined at once that share a labeler ask once.
+    for k in 0..7 {
+        let login = labeler(k);
+        assert_eq!(
+            gh.count(&format!("GET {REPO}/collaborators/{login}/permission")),
+            1,
+            "{login}"
+        );
+    }
+    assert!(gh.stats.unexpected.lock().unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -15,7 +15,9 @@
 //! per repository, which is a free 304 when nothing changed. An issue's
 //! timeline (and, at most once per [`GithubSettings::permission_ttl`], the
 //! labeler's permission) is read only when the issue has changed since it
-//! was last examined.
+//! was last examined; [`EXAMINE_CONCURRENCY`] issues are examined at once,
+//! so that the first poll of a repository with hundreds of labeled issues
+//! does not take hundreds of round trips one after another.
 //!
 //! Reports (CONTRACT section 5) write in an order chosen for whoever
 //! watches the issue: a settled round's `done` or `failed` label is its
@@ -32,10 +34,11 @@ mod webhook;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, Url};
 use serde_json::json;
 
@@ -69,6 +72,11 @@ const MEMO_COMMENT_SHOWS: &str = "github.comment_shows";
 /// `cancelled`.
 const MEMO_OUTCOME: &str = "github.outcome";
 
+/// How many issues a poll examines at once (timeline and permission
+/// requests). GitHub allows up to 100 concurrent requests per token; a few
+/// are plenty, and leave room for the reporter's writes.
+const EXAMINE_CONCURRENCY: usize = 8;
+
 /// Issues of GitHub repositories.
 #[derive(Debug)]
 pub struct GithubSource {
@@ -81,8 +89,13 @@ pub struct GithubSource {
     /// Per issue: the decision made when it was last examined.
     verdicts: Mutex<HashMap<IssueKey, Verdict>>,
     /// Per repository and login: the permission, and when it was read.
-    permissions: Mutex<HashMap<(RepoId, String), (Permission, Instant)>>,
+    /// Each entry has its own async lock, held while it is asked, so that
+    /// issues examined at once that share a labeler ask only once.
+    permissions: Mutex<HashMap<(RepoId, String), Arc<PermissionSlot>>>,
 }
+
+/// One cached permission: empty until asked.
+type PermissionSlot = tokio::sync::Mutex<Option<(Permission, Instant)>>;
 
 #[derive(Debug, Clone)]
 struct Verdict {
@@ -234,10 +247,14 @@ impl GithubSource {
     async fn permission(&self, repo: &RepoId, login: &str) -> Result<Permission, SourceError> {
         let cache_key = (repo.clone(), login.to_ascii_lowercase());
         let ttl = self.client.settings().permission_ttl;
-        if let Some((p, at)) = lock(&self.permissions).get(&cache_key)
+        let slot = Arc::clone(lock(&self.permissions).entry(cache_key).or_default());
+        // Whoever finds the slot empty (or stale) asks while the others
+        // wait, and they then find the fresh answer.
+        let mut cached = slot.lock().await;
+        if let Some((p, at)) = *cached
             && at.elapsed() < ttl
         {
-            return Ok(*p);
+            return Ok(p);
         }
         let url = self.repo_url(repo, &["collaborators", login, "permission"]);
         let level = match self.client.get::<wire::PermissionAnswer>(url).await {
@@ -246,7 +263,7 @@ impl GithubSource {
             Err(SourceError::NotFound { .. }) => Permission::None,
             Err(e) => return Err(e),
         };
-        lock(&self.permissions).insert(cache_key, (level, Instant::now()));
+        *cached = Some((level, Instant::now()));
         Ok(level)
     }
 
@@ -416,6 +433,7 @@ impl IssueSource for GithubSource {
             );
             let listed: Vec<wire::Issue> = self.client.get_all(url, true).await?;
             let mut seen = HashSet::new();
+            let mut candidates = Vec::new();
             for issue in listed {
                 let key = IssueKey::new(repo.clone(), issue.number);
                 if issue.pull_request.is_some() {
@@ -426,10 +444,20 @@ impl IssueSource for GithubSource {
                     continue;
                 }
                 seen.insert(key.clone());
-                if let Some(trigger) = self.trusted_trigger(&key, &issue, &own_login).await? {
-                    ready.push(Self::to_core(repo, issue, trigger));
-                }
+                candidates.push((key, issue));
             }
+            // Several at once (most are answered from the verdicts without
+            // a request); `buffered` keeps the listing's order, oldest first.
+            let own_login = own_login.as_str();
+            let examined: Vec<_> = futures::stream::iter(candidates)
+                .map(|(key, issue)| async move {
+                    let trigger = self.trusted_trigger(&key, &issue, own_login).await?;
+                    Ok::<_, SourceError>(trigger.map(|t| Self::to_core(repo, issue, t)))
+                })
+                .buffered(EXAMINE_CONCURRENCY)
+                .try_collect()
+                .await?;
+            ready.extend(examined.into_iter().flatten());
             lock(&self.verdicts).retain(|k, _| &k.repo != repo || seen.contains(k));
         }
         Ok(ready)
