@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use claude_flow_core::{IssueSource, SourceError};
+use claude_flow_core::{IssueSource, Report, SourceError, StartReport};
 use serde_json::json;
 use support::github::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -297,15 +297,13 @@ async fn an_idempotent_write_is_retried_after_a_dropped_connection() {
         .expect(1)
         .mount(&gh.server)
         .await;
-    let start = claude_flow_core::StartReport {
+    let start = Report::Started(StartReport {
+        round: 1,
         attempt: 2,
         failures: 1,
         max_attempts: 3,
-    };
-    source
-        .report_started(&issue, start, &mut reports)
-        .await
-        .unwrap();
+    });
+    source.report(&issue, &start, &mut reports).await.unwrap();
     gh.server.verify().await;
 }
 
@@ -324,33 +322,51 @@ fn the_token_never_shows_in_debug_output() {
 #[tokio::test]
 async fn posting_a_comment_is_never_repeated_blindly() {
     let gh = Fake::start().await;
+    let mut issue = claude_flow_core::Issue::new("acme/widgets#4".parse().unwrap(), "t");
+    issue.trigger = trigger(1);
+    // GitHub made the comment before the gateway failed; it shows up in
+    // the list at the next look.
+    let mut made = fixture("comment.json");
+    made["id"] = json!(9999);
+    made["body"] = json!(format!(
+        "<!-- claude-flow:status trigger={} round=1 -->\nworking",
+        issue.trigger
+    ));
     Mock::given(method("GET"))
         .and(path(format!("{REPO}/issues/4/comments")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+        .respond_with(Sequence::new(vec![
+            ResponseTemplate::new(200).set_body_json(json!([])),
+            ResponseTemplate::new(200).set_body_json(json!([made])),
+        ]))
+        .expect(2)
         .mount(&gh.server)
         .await;
-    // GitHub may have created the comment before the gateway failed:
-    // posting again could leave two.
+    // Posting again could leave two comments: the client does not.
     Mock::given(method("POST"))
         .and(path(format!("{REPO}/issues/4/comments")))
         .respond_with(ResponseTemplate::new(502).set_body_string("Bad Gateway"))
         .expect(1)
         .mount(&gh.server)
         .await;
+    Mock::given(method("PATCH"))
+        .and(path(format!("{REPO}/issues/comments/9999")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(&made))
+        .expect(1)
+        .mount(&gh.server)
+        .await;
     let source = gh.source();
-    let mut issue = claude_flow_core::Issue::new("acme/widgets#4".parse().unwrap(), "t");
-    issue.trigger = trigger(1);
     let mut reports = claude_flow_core::Reports::default();
     reports
         .memo
         .insert("github.labels_started".into(), "1".into());
-    let start = claude_flow_core::StartReport {
+    let start = Report::Started(StartReport {
+        round: 1,
         attempt: 1,
         failures: 0,
         max_attempts: 3,
-    };
+    });
     let err = source
-        .report_started(&issue, start, &mut reports)
+        .report(&issue, &start, &mut reports)
         .await
         .unwrap_err();
     let text = err.to_string();
@@ -359,5 +375,12 @@ async fn posting_a_comment_is_never_repeated_blindly() {
         "{text}"
     );
     assert!(!reports.memo.contains_key("github.comment_id"));
+
+    // The report's next try finds the comment by its marker and edits it.
+    source.report(&issue, &start, &mut reports).await.unwrap();
+    assert_eq!(
+        reports.memo.get("github.comment_id").map(String::as_str),
+        Some("9999")
+    );
     gh.server.verify().await;
 }

@@ -5,6 +5,7 @@
 // Test helpers: a panic here is a failed test, as in the tests themselves.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use claude_flow_core::config::GithubConfig;
 use claude_flow_core::{GithubSettings, GithubSource, Secret};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wiremock::matchers::{any, method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
@@ -20,12 +22,21 @@ pub const TOKEN: &str = "ghp_TestTokenThatMustNeverLeak0123456789";
 pub const REPO: &str = "/repos/acme/widgets";
 pub const OWN_LOGIN: &str = "claude-flow-svc";
 
+/// A recorded GitHub answer, read once per test binary.
 pub fn fixture(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/github")
-        .join(name);
-    let text = std::fs::read_to_string(&path).unwrap();
-    serde_json::from_str(&text).unwrap()
+    static READ: Mutex<BTreeMap<String, Value>> = Mutex::new(BTreeMap::new());
+    let mut read = READ
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    read.entry(name.to_owned())
+        .or_insert_with(|| {
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/github")
+                .join(name);
+            let text = std::fs::read_to_string(&path).unwrap();
+            serde_json::from_str(&text).unwrap()
+        })
+        .clone()
 }
 
 /// Waits short enough for tests, long enough to tell waiting from not.
@@ -228,4 +239,150 @@ impl Respond for Sequence {
         let i = self.next.fetch_add(1, Ordering::SeqCst);
         self.templates[i.min(self.templates.len() - 1)].clone()
     }
+}
+
+/// What [`HeldTimelines`] saw.
+#[derive(Default)]
+pub struct HeldStats {
+    /// Timeline requests being answered now.
+    pub open: AtomicUsize,
+    /// The most that were ever open at once.
+    pub peak: AtomicUsize,
+    /// Requests per `METHOD /path`.
+    pub requests: Mutex<BTreeMap<String, usize>>,
+    /// Requests the fake does not know.
+    pub unexpected: Mutex<Vec<String>>,
+}
+
+/// A fake GitHub on a plain socket, for what wiremock cannot do (its
+/// answers are chosen synchronously on one thread): the answers to
+/// timeline requests are held until `hold_until` of them are open at
+/// once, then every request is answered at once. A source that examines
+/// issues one after another never gets its first timeline, and the test
+/// fails on its own timeout instead of measuring wall-clock time.
+///
+/// It lists issues 1..=`count` (oldest first), each labeled by
+/// `labeler(n)`, who has write permission.
+pub struct HeldTimelines {
+    pub uri: String,
+    pub stats: Arc<HeldStats>,
+}
+
+impl HeldTimelines {
+    pub async fn start(count: u64, hold_until: usize, labeler: fn(u64) -> String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap());
+        let stats = Arc::new(HeldStats::default());
+        let (gate, opened) = tokio::sync::watch::channel(false);
+        let gate = Arc::new(gate);
+        let list: Value = (1..=count)
+            .map(|n| issue(n, &["claude-flow"], "2025-03-11T10:03:00Z"))
+            .collect();
+        let list = Arc::new(list.to_string());
+        let shared = Arc::clone(&stats);
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let stats = Arc::clone(&shared);
+                let gate = Arc::clone(&gate);
+                let mut opened = opened.clone();
+                let list = Arc::clone(&list);
+                tokio::spawn(async move {
+                    let Some((mut socket, method, target)) = read_request_head(socket).await else {
+                        return;
+                    };
+                    let path = target.split('?').next().unwrap_or_default().to_owned();
+                    *stats
+                        .requests
+                        .lock()
+                        .unwrap()
+                        .entry(format!("{method} {path}"))
+                        .or_default() += 1;
+                    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+                    let body = match (method.as_str(), segments.as_slice()) {
+                        ("GET", ["user"]) => fixture("user.json").to_string(),
+                        ("GET", ["repos", "acme", "widgets", "issues"]) => list.as_str().to_owned(),
+                        ("GET", ["repos", "acme", "widgets", "issues", n, "timeline"]) => {
+                            let n: u64 = n.parse().unwrap();
+                            let now = stats.open.fetch_add(1, Ordering::SeqCst) + 1;
+                            stats.peak.fetch_max(now, Ordering::SeqCst);
+                            if now >= hold_until {
+                                gate.send_replace(true);
+                            }
+                            let _ = opened.wait_for(|open| *open).await;
+                            stats.open.fetch_sub(1, Ordering::SeqCst);
+                            timeline(&labeler(n), 1000 + n).to_string()
+                        }
+                        (
+                            "GET",
+                            [
+                                "repos",
+                                "acme",
+                                "widgets",
+                                "collaborators",
+                                login,
+                                "permission",
+                            ],
+                        ) => {
+                            let mut answer = fixture("collaborator-permission.json");
+                            answer["user"]["login"] = json!(login);
+                            answer["permission"] = json!("write");
+                            answer["role_name"] = json!("write");
+                            answer.to_string()
+                        }
+                        _ => {
+                            stats
+                                .unexpected
+                                .lock()
+                                .unwrap()
+                                .push(format!("{method} {target}"));
+                            let _ = socket
+                                .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                                .await;
+                            return;
+                        }
+                    };
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let _ = socket.write_all(body.as_bytes()).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        Self { uri, stats }
+    }
+
+    /// How many times `METHOD /path` was asked.
+    pub fn count(&self, request: &str) -> usize {
+        self.stats
+            .requests
+            .lock()
+            .unwrap()
+            .get(request)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// The request line of the first request on `socket` (GET requests have no
+/// body to read).
+async fn read_request_head(
+    mut socket: tokio::net::TcpStream,
+) -> Option<(tokio::net::TcpStream, String, String)> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = socket.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut line = text.lines().next()?.split(' ');
+    let method = line.next()?.to_owned();
+    let target = line.next()?.to_owned();
+    Some((socket, method, target))
 }

@@ -15,7 +15,16 @@
 //! per repository, which is a free 304 when nothing changed. An issue's
 //! timeline (and, at most once per [`GithubSettings::permission_ttl`], the
 //! labeler's permission) is read only when the issue has changed since it
-//! was last examined.
+//! was last examined; [`EXAMINE_CONCURRENCY`] issues are examined at once,
+//! so that the first poll of a repository with hundreds of labeled issues
+//! does not take hundreds of round trips one after another.
+//!
+//! Reports (CONTRACT section 5) write in an order chosen for whoever
+//! watches the issue: a settled round's `done` or `failed` label is its
+//! last write, so the status comment is final by the time it appears.
+//! Every write is idempotent (labels; the comment is edited in place and
+//! found again by its marker), so a report that failed halfway is simply
+//! made again; the memo records only what is complete.
 
 mod client;
 mod rate_limit;
@@ -25,10 +34,11 @@ mod webhook;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, Url};
 use serde_json::json;
 
@@ -44,11 +54,28 @@ use crate::secret::Secret;
 pub use client::{API_VERSION, GithubSettings};
 pub use webhook::{IssueChange, WebhookEvent, parse_webhook};
 
-/// `Reports::memo` keys. The memo is persisted with the issue's record,
-/// so that a report repeated after a crash does not act twice.
+// `Reports::memo` keys. The memo is kept with the issue's record for the
+// round (the orchestrator resets it when a new round starts), so that a
+// report repeated after a crash does not act twice. A key is written only
+// once the writes it stands for have all gone through: a report that
+// failed halfway is made again from where the memo says. The names are
+// those earlier versions wrote, so that their records still read right.
+
+/// The start labels of this round are set.
 const MEMO_LABELS_STARTED: &str = "github.labels_started";
+/// The id of this round's status comment.
 const MEMO_COMMENT_ID: &str = "github.comment_id";
+/// What the status comment shows: `started attempt=… failures=… max=…`,
+/// `succeeded`, `failed` or `cancelled`.
+const MEMO_COMMENT_SHOWS: &str = "github.comment_shows";
+/// The settled report that was made completely: `succeeded`, `failed` or
+/// `cancelled`.
 const MEMO_OUTCOME: &str = "github.outcome";
+
+/// How many issues a poll examines at once (timeline and permission
+/// requests). GitHub allows up to 100 concurrent requests per token; a few
+/// are plenty, and leave room for the reporter's writes.
+const EXAMINE_CONCURRENCY: usize = 8;
 
 /// Issues of GitHub repositories.
 #[derive(Debug)]
@@ -62,8 +89,13 @@ pub struct GithubSource {
     /// Per issue: the decision made when it was last examined.
     verdicts: Mutex<HashMap<IssueKey, Verdict>>,
     /// Per repository and login: the permission, and when it was read.
-    permissions: Mutex<HashMap<(RepoId, String), (Permission, Instant)>>,
+    /// Each entry has its own async lock, held while it is asked, so that
+    /// issues examined at once that share a labeler ask only once.
+    permissions: Mutex<HashMap<(RepoId, String), Arc<PermissionSlot>>>,
 }
+
+/// One cached permission: empty until asked.
+type PermissionSlot = tokio::sync::Mutex<Option<(Permission, Instant)>>;
 
 #[derive(Debug, Clone)]
 struct Verdict {
@@ -215,10 +247,14 @@ impl GithubSource {
     async fn permission(&self, repo: &RepoId, login: &str) -> Result<Permission, SourceError> {
         let cache_key = (repo.clone(), login.to_ascii_lowercase());
         let ttl = self.client.settings().permission_ttl;
-        if let Some((p, at)) = lock(&self.permissions).get(&cache_key)
+        let slot = Arc::clone(lock(&self.permissions).entry(cache_key).or_default());
+        // Whoever finds the slot empty (or stale) asks while the others
+        // wait, and they then find the fresh answer.
+        let mut cached = slot.lock().await;
+        if let Some((p, at)) = *cached
             && at.elapsed() < ttl
         {
-            return Ok(*p);
+            return Ok(p);
         }
         let url = self.repo_url(repo, &["collaborators", login, "permission"]);
         let level = match self.client.get::<wire::PermissionAnswer>(url).await {
@@ -227,7 +263,7 @@ impl GithubSource {
             Err(SourceError::NotFound { .. }) => Permission::None,
             Err(e) => return Err(e),
         };
-        lock(&self.permissions).insert(cache_key, (level, Instant::now()));
+        *cached = Some((level, Instant::now()));
         Ok(level)
     }
 
@@ -266,11 +302,33 @@ impl GithubSource {
         }
     }
 
+    /// Brings the round's status comment to `body`, unless it already
+    /// shows `shows` (a repeated report writes nothing). Remembers what it
+    /// shows only once the write went through.
+    async fn status_comment(
+        &self,
+        issue: &Issue,
+        round: u32,
+        reports: &mut Reports,
+        shows: &str,
+        body: String,
+    ) -> Result<(), SourceError> {
+        if reports.memo.get(MEMO_COMMENT_SHOWS).map(String::as_str) == Some(shows) {
+            return Ok(());
+        }
+        self.write_comment(issue, round, reports, body).await?;
+        reports
+            .memo
+            .insert(MEMO_COMMENT_SHOWS.into(), shows.to_owned());
+        Ok(())
+    }
+
     /// Writes the round's status comment: edits it when it exists, else
     /// posts it and remembers its id.
     async fn write_comment(
         &self,
         issue: &Issue,
+        round: u32,
         reports: &mut Reports,
         body: String,
     ) -> Result<(), SourceError> {
@@ -281,7 +339,7 @@ impl GithubSource {
             .and_then(|id| id.parse().ok())
         {
             Some(id) => Some(id),
-            None => self.find_status_comment(issue).await?,
+            None => self.find_status_comment(issue, round).await?,
         };
         if let Some(id) = known {
             let url = self.repo_url(&issue.key.repo, &["issues", "comments", &id.to_string()]);
@@ -295,11 +353,16 @@ impl GithubSource {
                     return Ok(());
                 }
                 // Someone deleted it: post a new one.
-                Err(SourceError::NotFound { .. }) => {}
+                Err(SourceError::NotFound { .. }) => {
+                    reports.memo.remove(MEMO_COMMENT_ID);
+                }
                 Err(e) => return Err(e),
             }
         }
         let url = self.issue_url(&issue.key, &["comments"]);
+        // Not idempotent: GitHub may have made the comment before an error
+        // reached us, so the client does not repeat it. The next try of the
+        // report finds it by its marker instead.
         let comment: wire::Comment = self
             .client
             .send(Method::POST, url, Some(&payload), false)
@@ -310,9 +373,15 @@ impl GithubSource {
         Ok(())
     }
 
-    /// This round's status comment, when a crash lost its id: the one by
-    /// the service's own account that starts with the round's marker.
-    async fn find_status_comment(&self, issue: &Issue) -> Result<Option<u64>, SourceError> {
+    /// This round's status comment, when its id is not known (a new round,
+    /// or a crash lost it): the one by the service's own account that
+    /// starts with the round's marker. An earlier round's comment has
+    /// another marker, also when an operator's retry kept the trigger.
+    async fn find_status_comment(
+        &self,
+        issue: &Issue,
+        round: u32,
+    ) -> Result<Option<u64>, SourceError> {
         let own = self.own_login().await?.to_owned();
         let mut url = self.issue_url(&issue.key, &["comments"]);
         let mut query = vec![("per_page", "100")];
@@ -322,7 +391,7 @@ impl GithubSource {
         }
         url = with_query(url, &query);
         let comments: Vec<wire::Comment> = self.client.get_all(url, false).await?;
-        let marker = report::marker(&issue.trigger);
+        let marker = report::marker(&issue.trigger, round);
         Ok(comments
             .into_iter()
             .filter(|c| {
@@ -332,6 +401,16 @@ impl GithubSource {
             })
             .find(|c| c.body.as_deref().is_some_and(|b| b.starts_with(&marker)))
             .map(|c| c.id))
+    }
+
+    /// Whether `label` (`done` or `failed`) may be left on the issue by an
+    /// earlier round: not when this round's start report already removed
+    /// it; else when the issue shows it, or when there was an earlier
+    /// round (its report may have come after the issue was last listed).
+    /// Removing a label that is not there costs a write and is no error.
+    fn may_carry(issue: &Issue, round: u32, reports: &Reports, label: &str) -> bool {
+        !reports.memo.contains_key(MEMO_LABELS_STARTED)
+            && (round > 1 || issue.labels.iter().any(|l| l.eq_ignore_ascii_case(label)))
     }
 }
 
@@ -354,6 +433,7 @@ impl IssueSource for GithubSource {
             );
             let listed: Vec<wire::Issue> = self.client.get_all(url, true).await?;
             let mut seen = HashSet::new();
+            let mut candidates = Vec::new();
             for issue in listed {
                 let key = IssueKey::new(repo.clone(), issue.number);
                 if issue.pull_request.is_some() {
@@ -364,10 +444,20 @@ impl IssueSource for GithubSource {
                     continue;
                 }
                 seen.insert(key.clone());
-                if let Some(trigger) = self.trusted_trigger(&key, &issue, &own_login).await? {
-                    ready.push(Self::to_core(repo, issue, trigger));
-                }
+                candidates.push((key, issue));
             }
+            // Several at once (most are answered from the verdicts without
+            // a request); `buffered` keeps the listing's order, oldest first.
+            let own_login = own_login.as_str();
+            let examined: Vec<_> = futures::stream::iter(candidates)
+                .map(|(key, issue)| async move {
+                    let trigger = self.trusted_trigger(&key, &issue, own_login).await?;
+                    Ok::<_, SourceError>(trigger.map(|t| Self::to_core(repo, issue, t)))
+                })
+                .buffered(EXAMINE_CONCURRENCY)
+                .try_collect()
+                .await?;
+            ready.extend(examined.into_iter().flatten());
             lock(&self.verdicts).retain(|k, _| &k.repo != repo || seen.contains(k));
         }
         Ok(ready)
@@ -389,88 +479,120 @@ impl IssueSource for GithubSource {
 }
 
 impl GithubSource {
+    /// Start of an attempt: `in_progress` on (and an earlier round's
+    /// outcome label off) once per round, then the status comment.
     async fn report_started(
         &self,
         issue: &Issue,
         start: StartReport,
         reports: &mut Reports,
     ) -> Result<(), SourceError> {
+        if let Some(outcome) = reports.memo.get(MEMO_OUTCOME) {
+            // The orchestrator never sends a start after the round
+            // settled; showing "working" under a final label would lie.
+            tracing::debug!(issue = %issue.key, %outcome, "a start report after the round settled: ignored");
+            return Ok(());
+        }
         let labels = &self.config.labels;
         if !reports.memo.contains_key(MEMO_LABELS_STARTED) {
             self.add_label(issue, &labels.in_progress).await?;
-            // The outcome labels of an earlier round no longer apply.
             for stale in [&labels.done, &labels.failed] {
-                if issue.labels.iter().any(|l| l.eq_ignore_ascii_case(stale)) {
+                if Self::may_carry(issue, start.round, reports, stale) {
                     self.remove_label(issue, stale).await?;
                 }
             }
             reports.memo.insert(MEMO_LABELS_STARTED.into(), "1".into());
         }
         if self.config.comment {
-            self.write_comment(issue, reports, report::started(&issue.trigger, &start))
+            let shows = format!(
+                "started attempt={} failures={} max={}",
+                start.attempt, start.failures, start.max_attempts
+            );
+            let body = report::started(&issue.trigger, &start);
+            self.status_comment(issue, start.round, reports, &shows, body)
                 .await?;
         }
         Ok(())
     }
 
+    /// Success: the comment with the pull request, `in_progress` and the
+    /// trigger off (and a `failed` label of an earlier round), `done` last.
     async fn report_succeeded(
         &self,
         issue: &Issue,
         success: &SuccessReport,
         reports: &mut Reports,
     ) -> Result<(), SourceError> {
-        if reports.memo.get(MEMO_OUTCOME).map(String::as_str) == Some("succeeded") {
+        const OUTCOME: &str = "succeeded";
+        if reports.memo.get(MEMO_OUTCOME).map(String::as_str) == Some(OUTCOME) {
             return Ok(());
         }
-        let labels = &self.config.labels;
-        self.add_label(issue, &labels.done).await?;
-        self.remove_label(issue, &labels.in_progress).await?;
-        self.remove_label(issue, &self.config.trigger_label).await?;
         if self.config.comment {
-            self.write_comment(issue, reports, report::succeeded(&issue.trigger, success))
+            let body = report::succeeded(&issue.trigger, success);
+            self.status_comment(issue, success.round, reports, OUTCOME, body)
                 .await?;
         }
-        reports.memo.insert(MEMO_OUTCOME.into(), "succeeded".into());
+        let labels = &self.config.labels;
+        self.remove_label(issue, &labels.in_progress).await?;
+        self.remove_label(issue, &self.config.trigger_label).await?;
+        if Self::may_carry(issue, success.round, reports, &labels.failed) {
+            self.remove_label(issue, &labels.failed).await?;
+        }
+        self.add_label(issue, &labels.done).await?;
+        reports.memo.insert(MEMO_OUTCOME.into(), OUTCOME.into());
         Ok(())
     }
 
+    /// Final failure: the comment with the reason and the log's last
+    /// lines, `in_progress` off (and a `done` label of an earlier round),
+    /// `failed` last. The trigger stays.
     async fn report_failed(
         &self,
         issue: &Issue,
         failure: &FailureReport,
         reports: &mut Reports,
     ) -> Result<(), SourceError> {
-        if reports.memo.get(MEMO_OUTCOME).map(String::as_str) == Some("failed") {
+        const OUTCOME: &str = "failed";
+        if reports.memo.get(MEMO_OUTCOME).map(String::as_str) == Some(OUTCOME) {
             return Ok(());
         }
-        let labels = &self.config.labels;
-        self.add_label(issue, &labels.failed).await?;
-        self.remove_label(issue, &labels.in_progress).await?;
         if self.config.comment {
             let body = report::failed(&issue.trigger, failure, &self.token);
-            self.write_comment(issue, reports, body).await?;
+            self.status_comment(issue, failure.round, reports, OUTCOME, body)
+                .await?;
         }
-        reports.memo.insert(MEMO_OUTCOME.into(), "failed".into());
+        let labels = &self.config.labels;
+        self.remove_label(issue, &labels.in_progress).await?;
+        if Self::may_carry(issue, failure.round, reports, &labels.done) {
+            self.remove_label(issue, &labels.done).await?;
+        }
+        self.add_label(issue, &labels.failed).await?;
+        reports.memo.insert(MEMO_OUTCOME.into(), OUTCOME.into());
         Ok(())
     }
 
+    /// Cancelled: the comment says so and why (only when the round ran:
+    /// one that never started has no comment), then the trigger and
+    /// `in_progress` come off.
     async fn report_cancelled(
         &self,
         issue: &Issue,
         cancel: &CancelReport,
         reports: &mut Reports,
     ) -> Result<(), SourceError> {
-        if reports.memo.get(MEMO_OUTCOME).map(String::as_str) == Some("cancelled") {
+        const OUTCOME: &str = "cancelled";
+        if reports.memo.get(MEMO_OUTCOME).map(String::as_str) == Some(OUTCOME) {
             return Ok(());
         }
         if self.config.comment && cancel.started {
-            let body = report::cancelled(&issue.trigger, cancel);
-            self.write_comment(issue, reports, body).await?;
+            let body = report::cancelled(&issue.trigger, cancel, &self.token);
+            self.status_comment(issue, cancel.round, reports, OUTCOME, body)
+                .await?;
         }
         self.remove_label(issue, &self.config.trigger_label).await?;
         self.remove_label(issue, &self.config.labels.in_progress)
             .await?;
-        reports.memo.insert(MEMO_OUTCOME.into(), "cancelled".into());
+        reports.memo.insert(MEMO_OUTCOME.into(), OUTCOME.into());
         Ok(())
     }
 }

@@ -1,8 +1,10 @@
 //! The status comment's text.
 //!
 //! One comment per round, edited in place. Its first line is a hidden
-//! marker naming the round's trigger, so that the comment can be found
-//! again after a crash that lost its id.
+//! marker naming the round's trigger and the round's number, so that the
+//! comment can be found again after a crash that lost its id, and so that
+//! an operator's retry (a new round under the same trigger) gets a comment
+//! of its own instead of editing the last round's.
 
 use std::sync::LazyLock;
 
@@ -15,46 +17,45 @@ use crate::secret::{REDACTED, Secret};
 /// well below that.
 const MAX_TAIL_CHARS: usize = 20_000;
 
-/// The hidden first line of a status comment.
-pub(crate) fn marker(trigger: &str) -> String {
-    format!("<!-- claude-flow:status trigger={trigger} -->")
+/// The hidden first line of a round's status comment. It ends with
+/// ` -->`, so that `round=1` never matches as a prefix of `round=10`.
+pub(crate) fn marker(trigger: &str, round: u32) -> String {
+    format!("<!-- claude-flow:status trigger={trigger} round={round} -->")
 }
 
+/// Attempt numbers as the CLI shows them (`CLAUDE_FLOW_ROUND`,
+/// `CLAUDE_FLOW_ATTEMPT`), and the failures counted against
+/// `service.max_attempts` (an interrupted attempt is numbered but does
+/// not count).
 pub(crate) fn started(trigger: &str, start: &StartReport) -> String {
-    let n = start.failures + 1;
     let mut text = format!(
-        "{}\n**claude-flow** is working on this issue (attempt {n} of {}).",
-        marker(trigger),
+        "{}\n**claude-flow** is working on this issue: round {}, attempt {} (failed attempts so far: {} of {}).",
+        marker(trigger, start.round),
+        start.round,
+        start.attempt,
+        start.failures,
         start.max_attempts
     );
     if start.failures > 0 {
-        let s = if start.failures == 1 { "" } else { "s" };
-        text.push_str(&format!(
-            " {} earlier attempt{s} failed; trying again.",
-            start.failures
-        ));
+        text.push_str(" Trying again.");
     }
     text
 }
 
 pub(crate) fn succeeded(trigger: &str, success: &SuccessReport) -> String {
+    let marker = marker(trigger, success.round);
     match &success.pr_url {
-        Some(url) => format!(
-            "{}\n**claude-flow** finished: pull request {url}",
-            marker(trigger)
-        ),
-        None => format!(
-            "{}\n**claude-flow** finished without opening a pull request.",
-            marker(trigger)
-        ),
+        Some(url) => format!("{marker}\n**claude-flow** finished: pull request {url}"),
+        None => format!("{marker}\n**claude-flow** finished without opening a pull request."),
     }
 }
 
-pub(crate) fn cancelled(trigger: &str, cancel: &CancelReport) -> String {
+pub(crate) fn cancelled(trigger: &str, cancel: &CancelReport, token: &Secret) -> String {
     format!(
-        "{}\n**claude-flow** stopped working on this issue: {}\n\nApply the trigger label again to start a new round.",
-        marker(trigger),
-        cancel.reason.trim()
+        "{}\n**claude-flow** cancelled round {} and stopped working on this issue: {}\n\nApply the trigger label again to start a new round.",
+        marker(trigger, cancel.round),
+        cancel.round,
+        redact(&cancel.reason, token).trim()
     )
 }
 
@@ -63,7 +64,7 @@ pub(crate) fn failed(trigger: &str, failure: &FailureReport, token: &Secret) -> 
     let reason = redact(&failure.reason, token);
     let mut text = format!(
         "{}\n**claude-flow** failed after {} attempt{s}: {}",
-        marker(trigger),
+        marker(trigger, failure.round),
         failure.attempts,
         reason.trim()
     );
@@ -123,7 +124,7 @@ mod tests {
     fn failure_comments_redact_tokens_and_fence_the_log() {
         let token = Secret::new("s3cr3t-token-value");
         let failure = FailureReport {
-            round: 1,
+            round: 2,
             reason: "exit code 1".into(),
             log_tail:
                 "using s3cr3t-token-value\nfound ghp_abcdefghijklmnopqrstuvwxyz0123\n````\nend"
@@ -131,7 +132,7 @@ mod tests {
             attempts: 3,
         };
         let text = failed("labeled:1", &failure, &token);
-        assert!(text.starts_with("<!-- claude-flow:status trigger=labeled:1 -->\n"));
+        assert!(text.starts_with("<!-- claude-flow:status trigger=labeled:1 round=2 -->\n"));
         assert!(text.contains("failed after 3 attempts: exit code 1"));
         assert!(!text.contains("s3cr3t"));
         assert!(!text.contains("ghp_abc"));
@@ -140,16 +141,42 @@ mod tests {
     }
 
     #[test]
-    fn start_comments_count_attempts_within_the_round() {
+    fn start_comments_use_the_clis_numbers() {
+        // Attempt 3 of round 2, after one failure and one interruption.
         let start = StartReport {
-            round: 1,
-            attempt: 7,
+            round: 2,
+            attempt: 3,
             failures: 1,
             max_attempts: 3,
         };
         let text = started("labeled:9", &start);
-        assert!(text.contains("attempt 2 of 3"), "{text}");
-        assert!(text.contains("1 earlier attempt failed"), "{text}");
+        assert!(
+            text.starts_with("<!-- claude-flow:status trigger=labeled:9 round=2 -->\n"),
+            "{text}"
+        );
+        assert!(text.contains("round 2, attempt 3"), "{text}");
+        assert!(text.contains("failed attempts so far: 1 of 3"), "{text}");
+        assert!(text.contains("Trying again."), "{text}");
+    }
+
+    #[test]
+    fn markers_of_different_rounds_are_not_prefixes_of_each_other() {
+        assert!(!marker("t", 10).starts_with(&marker("t", 1)));
+        assert!(!marker("t", 1).starts_with(&marker("t", 10)));
+    }
+
+    #[test]
+    fn cancel_comments_say_why_without_secrets() {
+        let token = Secret::new("s3cr3t-token-value");
+        let cancel = CancelReport {
+            round: 4,
+            reason: "cancelled by an operator (s3cr3t-token-value)".into(),
+            started: true,
+        };
+        let text = cancelled("labeled:9", &cancel, &token);
+        assert!(text.contains("cancelled round 4"), "{text}");
+        assert!(text.contains("cancelled by an operator"), "{text}");
+        assert!(!text.contains("s3cr3t"), "{text}");
     }
 
     #[test]
