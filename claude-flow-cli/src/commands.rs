@@ -403,7 +403,10 @@ async fn logs(
             .log_dir()
             .join(r.key().repo.dir_name())
             .join(format!("issue-{}", r.key().number))
-            .join(format!("round-{}-attempt-{}.log", chosen.round, chosen.number))
+            .join(format!(
+                "round-{}-attempt-{}.log",
+                chosen.round, chosen.number
+            ))
     });
     let number = chosen.number;
     let mut offset = copy_from(&path, 0)?;

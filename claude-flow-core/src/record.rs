@@ -192,6 +192,19 @@ pub struct ServiceState {
     pub quota_exits: u32,
 }
 
+impl ServiceState {
+    /// The end of the pause in force at `now`, as a service started now
+    /// with `service.max_pause` = `max_pause` would see it: `None` when
+    /// there is no pause or it is over, and an end further away than
+    /// `max_pause` cut to that (the setting may have been lowered since
+    /// the pause was recorded).
+    pub fn pause_at(&self, now: SystemTime, max_pause: Duration) -> Option<SystemTime> {
+        self.paused_until
+            .filter(|t| *t > now)
+            .map(|t| t.min(now + max_pause))
+    }
+}
+
 /// Everything the service knows about one issue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssueRecord {
@@ -467,6 +480,27 @@ mod tests {
         assert_eq!(
             back.updated_at,
             SystemTime::UNIX_EPOCH + Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn a_pause_is_in_force_until_its_end_and_at_most_max_pause_long() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hour = Duration::from_secs(3600);
+        let paused = |until| ServiceState {
+            paused_until: Some(until),
+            pause_reason: Some("quota".into()),
+            quota_exits: 1,
+        };
+        assert_eq!(ServiceState::default().pause_at(now, hour), None);
+        assert_eq!(paused(now).pause_at(now, hour), None);
+        assert_eq!(
+            paused(now + Duration::from_secs(60)).pause_at(now, hour),
+            Some(now + Duration::from_secs(60))
+        );
+        assert_eq!(
+            paused(now + 10 * hour).pause_at(now, hour),
+            Some(now + hour)
         );
     }
 

@@ -355,7 +355,11 @@ async fn status_shows_the_last_poll_and_what_runs_and_an_operator_can_cancel_it(
     started.notified().await;
     let status = orchestrator.status();
     assert_eq!(
-        status.running.iter().map(|r| r.issue.clone()).collect::<Vec<_>>(),
+        status
+            .running
+            .iter()
+            .map(|r| r.issue.clone())
+            .collect::<Vec<_>>(),
         [key(1)]
     );
     let poll = status.last_poll.expect("a poll happened");
@@ -486,16 +490,9 @@ async fn a_report_that_failed_is_repeated_at_the_next_poll_and_only_once() {
     .unwrap();
     // ...and each poll after that tries again until it goes through.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !store
-        .list()
-        .await
-        .unwrap()
-        .first()
-        .is_some_and(|r| {
-            r.status == IssueStatus::Done
-                && r.reports.shown == Some(claude_flow_core::Shown::Succeeded)
-        })
-    {
+    while !store.list().await.unwrap().first().is_some_and(|r| {
+        r.status == IssueStatus::Done && r.reports.shown == Some(claude_flow_core::Shown::Succeeded)
+    }) {
         assert!(
             std::time::Instant::now() < deadline,
             "the failed report was never repeated"

@@ -205,7 +205,8 @@ impl Engine {
                     attempt.outcome = Some(AttemptOutcome::Interrupted);
                     attempt.finished_at = Some(now);
                 }
-                let span = tracing::info_span!("issue", issue = %record.key(), round = record.round);
+                let span =
+                    tracing::info_span!("issue", issue = %record.key(), round = record.round);
                 span.in_scope(|| attempt::interrupted(&mut record, &settings));
                 self.shared.store.put(&record).await?;
             }
@@ -282,8 +283,7 @@ impl Engine {
             .cloned()
             .collect();
         for key in unwanted {
-            self.cancel_waiting(&key, attempt::UNWANTED, reporter)
-                .await;
+            self.cancel_waiting(&key, attempt::UNWANTED, reporter).await;
         }
         self.publish(reporter, |_| {});
     }
@@ -361,8 +361,7 @@ impl Engine {
             // An attempt that ended after the last poll said its issue was
             // gone is not started again.
             if !self.eligible.contains(&key) {
-                self.cancel_waiting(&key, attempt::UNWANTED, reporter)
-                    .await;
+                self.cancel_waiting(&key, attempt::UNWANTED, reporter).await;
                 continue;
             }
             self.start(key, settings, reporter);
@@ -399,7 +398,8 @@ impl Engine {
             attempt: number,
             started_at: now,
         };
-        let span = tracing::info_span!("issue", issue = %key, round = record.round, attempt = number);
+        let span =
+            tracing::info_span!("issue", issue = %key, round = record.round, attempt = number);
         let task = attempt::run(
             Arc::clone(&self.shared),
             settings.clone(),
@@ -557,7 +557,11 @@ impl Engine {
                 round,
                 reason: record.last_error.clone().unwrap_or_default(),
                 log_tail: String::new(),
-                attempts: record.attempts_this_round().count().try_into().unwrap_or(u32::MAX),
+                attempts: record
+                    .attempts_this_round()
+                    .count()
+                    .try_into()
+                    .unwrap_or(u32::MAX),
             }),
             Shown::Cancelled => Report::Cancelled(CancelReport {
                 round,
@@ -582,9 +586,9 @@ impl Engine {
         let key = record.key().clone();
         let wait = match record.status {
             IssueStatus::Queued => Some(Wait::Ready(record.updated_at)),
-            IssueStatus::Retrying => Some(Wait::Due(
-                record.next_retry_at.unwrap_or(record.updated_at),
-            )),
+            IssueStatus::Retrying => {
+                Some(Wait::Due(record.next_retry_at.unwrap_or(record.updated_at)))
+            }
             _ => None,
         };
         if !self.running.contains_key(&key) {
@@ -686,9 +690,9 @@ impl Engine {
     }
 
     fn once_finished(&self, reporter: &Reporter) -> bool {
-        self.once_set.as_ref().is_some_and(|owed| {
-            owed.is_empty() && self.attempts.is_empty() && reporter.all_tried()
-        })
+        self.once_set
+            .as_ref()
+            .is_some_and(|owed| owed.is_empty() && self.attempts.is_empty() && reporter.all_tried())
     }
 
     /// The next time the loop must look without an event: a retry falling

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use claude_flow_core::{
-    Error, ExitKind, FnRunner, Issue, IssueKey, IssueSource, MemorySource, Report,
-    MemoryStore, Orchestrator, RepoId, Reports, RunOutcome, Secret, Settings, SourceError,
-    Status, Summary, WorkflowJob,
+    Error, ExitKind, FnRunner, Issue, IssueKey, IssueSource, MemorySource, MemoryStore,
+    Orchestrator, RepoId, Report, Reports, RunOutcome, Secret, Settings, SourceError, Status,
+    Summary, WorkflowJob,
 };
 use claude_flow_daemon::http::{self, HttpState, WebhookConfig};
 use hmac::{Hmac, KeyInit, Mac};
@@ -120,6 +120,9 @@ pub struct Options {
     pub webhook: bool,
     /// Start the orchestrator's loop (else only the server runs).
     pub run: bool,
+    /// The store the service starts with (empty by default): what a
+    /// restarted service finds.
+    pub store: Arc<MemoryStore>,
 }
 
 impl Options {
@@ -130,6 +133,7 @@ impl Options {
             behaviour: |_| Behaviour::Succeed,
             webhook: false,
             run: true,
+            store: Arc::new(MemoryStore::new()),
         }
     }
 }
@@ -164,7 +168,7 @@ impl Service {
                 })
             }
         });
-        let store = Arc::new(MemoryStore::new());
+        let store = options.store;
         let orchestrator = Arc::new(
             Orchestrator::builder()
                 .source(options.source)
