@@ -211,6 +211,7 @@ echo "upstream fix: https://github.com/other/library/pull/9""#,
     let state = std::fs::read_to_string(f.path("state/state.jsonl")).unwrap();
     assert!(!state.contains(TOKEN));
     let log =
-        std::fs::read_to_string(f.path("state/logs/acme__widgets/issue-7/attempt-1.log")).unwrap();
+        std::fs::read_to_string(f.path("state/logs/acme__widgets/issue-7/round-1-attempt-1.log"))
+            .unwrap();
     assert!(log.contains("working on acme/widgets#7"), "{log}");
 }
