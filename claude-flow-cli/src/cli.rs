@@ -35,7 +35,8 @@ pub enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Summarize the state: issues by status, and whether a service runs.
+    /// Summarize the state: whether a service runs, a quota pause, the
+    /// running attempts, and issues by status.
     Status,
     /// List every known issue.
     List,
@@ -56,6 +57,9 @@ pub enum Command {
     Retry(IssueArg),
     /// Stop an issue from being started again until it is retried or re-triggered.
     Cancel(IssueArg),
+    /// End a quota pause now: workflows start again at once (through the
+    /// running service, else in the state directory).
+    Resume,
     /// Check or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),

@@ -7,11 +7,11 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use clap::CommandFactory;
-use claude_flow_core::api::{ApiClient, ApiError, Health};
+use claude_flow_core::api::{ApiClient, ApiError, Health, Resumed};
 use claude_flow_core::config::Config;
 use claude_flow_core::{
-    Error, FileStore, IssueKey, IssueRecord, IssueStatus, StateStore, StoreError, app, logging,
-    ops, signals,
+    Error, FileStore, IssueKey, IssueRecord, IssueStatus, RunningAttempt, StateStore, StoreError,
+    app, logging, ops, signals,
 };
 use serde_json::json;
 
@@ -116,6 +116,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         } => logs(&config, &issue, attempt, follow).await,
         Command::Retry(arg) => change(&config, &arg, Change::Retry).await,
         Command::Cancel(arg) => change(&config, &arg, Change::Cancel).await,
+        Command::Resume => resume(&config).await,
         Command::Config(ConfigCommand::Check) => {
             // Building the parts checks what loading alone cannot, such as
             // a local.dir that does not exist.
@@ -177,6 +178,104 @@ async fn record(config: &Config, arg: &IssueArg) -> Result<IssueRecord, Failure>
     })
 }
 
+/// What the service is doing: a quota pause and the running attempts.
+struct Activity {
+    paused_until: Option<SystemTime>,
+    pause_reason: Option<String>,
+    running: Vec<RunningAttempt>,
+}
+
+impl Activity {
+    /// As the running service says (`GET /healthz`).
+    fn of_health(health: &Health) -> Self {
+        Self {
+            paused_until: health.paused_until,
+            pause_reason: health.pause_reason.clone(),
+            running: health.running.clone(),
+        }
+    }
+
+    /// As the state directory says: the pause from `service.json` (as a
+    /// service started now would see it) and, while a service holds the
+    /// state, the attempts its records say are running. Without one,
+    /// nothing runs, whatever a crashed service left in its records.
+    async fn of_store(
+        config: &Config,
+        store: &FileStore,
+        records: &[IssueRecord],
+        service_runs: bool,
+    ) -> Result<Self, Failure> {
+        let service = store.load_service().await?;
+        let paused_until = service.pause_at(SystemTime::now(), config.service.max_pause);
+        let running = if service_runs {
+            records
+                .iter()
+                .filter_map(IssueRecord::running_attempt)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            paused_until,
+            pause_reason: paused_until.and(service.pause_reason),
+            running,
+        })
+    }
+
+    /// The top-level fields of `status --json` (CONTRACT section 6).
+    fn to_json(&self) -> serde_json::Value {
+        let running: Vec<_> = self
+            .running
+            .iter()
+            .map(|r| {
+                json!({
+                    "issue": r.issue.to_string(),
+                    "round": r.round,
+                    "attempt": r.attempt,
+                    "started_at": rfc3339(r.started_at),
+                })
+            })
+            .collect();
+        json!({
+            "paused_until": self.paused_until.map(rfc3339),
+            "pause_reason": self.pause_reason,
+            "running": running,
+        })
+    }
+
+    fn print(&self) {
+        if self.running.is_empty() {
+            println!("working: nothing");
+        }
+        let now = SystemTime::now();
+        for (i, run) in self.running.iter().enumerate() {
+            let elapsed = now.duration_since(run.started_at).unwrap_or_default();
+            println!(
+                "{} {} round {} attempt {}, running for {}",
+                if i == 0 { "working:" } else { "        " },
+                run.issue,
+                run.round,
+                run.attempt,
+                human(elapsed)
+            );
+        }
+        if let Some(until) = self.paused_until {
+            let left = until
+                .duration_since(now)
+                .map(|d| format!(" (in {})", human(d)))
+                .unwrap_or_default();
+            println!(
+                "paused:  until {}{left}: {}",
+                rfc3339(until),
+                self.pause_reason.as_deref().unwrap_or("workflow quota")
+            );
+            println!(
+                "         no workflow starts before then; `claude-flow resume` ends the pause"
+            );
+        }
+    }
+}
+
 async fn status(config: &Config, json: bool) -> Result<(), Failure> {
     let store = read_store(config)?;
     let records = store.load().await?;
@@ -190,6 +289,10 @@ async fn status(config: &Config, json: bool) -> Result<(), Failure> {
             })
         }
         _ => None,
+    };
+    let activity = match &daemon {
+        Some(Ok(health)) => Activity::of_health(health),
+        _ => Activity::of_store(config, &store, &records, holder.is_some()).await?,
     };
     let count = |s: IssueStatus| records.iter().filter(|r| r.status == s).count();
     let statuses = [
@@ -210,18 +313,24 @@ async fn status(config: &Config, json: bool) -> Result<(), Failure> {
             Some(Err(e)) => json!({ "error": e.to_string() }),
             None => serde_json::Value::Null,
         };
-        print_json(&json!({
-            "service": { "running": holder.is_some(), "pid": holder, "health": health },
-            "state_dir": config.service.state_dir,
-            "issues": counts,
-        }));
+        let mut out = activity.to_json();
+        if let serde_json::Value::Object(fields) = &mut out {
+            fields.insert(
+                "service".into(),
+                json!({ "running": holder.is_some(), "pid": holder, "health": health }),
+            );
+            fields.insert("state_dir".into(), json!(config.service.state_dir));
+            fields.insert("issues".into(), json!(counts));
+        }
+        print_json(&out);
     } else {
         match holder {
             Some(pid) => println!("service: running (pid {pid})"),
             None => println!("service: not running"),
         }
-        if let Some(Ok(health)) = &daemon {
-            print_health(health);
+        match &daemon {
+            Some(Ok(health)) => print_health(health),
+            _ => activity.print(),
         }
         println!("state:   {}", config.service.state_dir.display());
         for s in statuses {
@@ -251,30 +360,7 @@ pub(crate) fn print_health(health: &Health) {
         }
         None => println!("polled:  not yet"),
     }
-    if health.running.is_empty() {
-        println!("working: nothing");
-    } else {
-        for (i, run) in health.running.iter().enumerate() {
-            let elapsed = SystemTime::now()
-                .duration_since(run.started_at)
-                .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
-                .unwrap_or_default();
-            println!(
-                "{} {} round {} attempt {}, running for {elapsed}",
-                if i == 0 { "working:" } else { "        " },
-                run.issue,
-                run.round,
-                run.attempt
-            );
-        }
-    }
-    if let Some(until) = health.paused_until {
-        println!(
-            "paused:  until {}: {}",
-            rfc3339(until),
-            health.pause_reason.as_deref().unwrap_or("workflow quota")
-        );
-    }
+    Activity::of_health(health).print();
 }
 
 /// A failed call to a running service's API; an unreachable API is
@@ -490,19 +576,7 @@ async fn change(config: &Config, arg: &IssueArg, change: Change) -> Result<(), F
         }
         return Ok(());
     }
-    let store = match FileStore::open(&config.service.state_dir) {
-        Ok(store) => store,
-        Err(StoreError::Locked { pid, .. }) => {
-            return Err(Failure {
-                message: format!(
-                    "the service is running{} and holds the state, and its HTTP API is off (service.listen is empty); stop it first",
-                    pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
-                ),
-                code: 75,
-            });
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let store = open_for_writing(config)?;
     let record = match change {
         Change::Retry => ops::retry(&store, &key).await?,
         Change::Cancel => ops::cancel(&store, &key).await?,
@@ -514,6 +588,50 @@ async fn change(config: &Config, arg: &IssueArg, change: Change) -> Result<(), F
         record.round
     );
     Ok(())
+}
+
+/// Ends a quota pause: through the running service's API when one runs,
+/// else in the state directory.
+async fn resume(config: &Config) -> Result<(), Failure> {
+    if let Some(pid) = FileStore::lock_holder(&config.service.state_dir)
+        && !config.service.listen.is_empty()
+    {
+        let client = ApiClient::for_listen(&config.service.listen).map_err(Error::from)?;
+        let resumed = client.resume().await.map_err(|e| api_failure(pid, e))?;
+        println!("{}", resumed.describe());
+        return Ok(());
+    }
+    let store = open_for_writing(config)?;
+    let before = ops::resume(&store).await?;
+    // A pause that ended by itself meanwhile is not one that was lifted.
+    let lifted_until = before.pause_at(SystemTime::now(), config.service.max_pause);
+    let resumed = Resumed {
+        lifted_until,
+        pause_reason: lifted_until.and(before.pause_reason),
+    };
+    println!("{}", resumed.describe());
+    Ok(())
+}
+
+/// The state store with its lock, for a change made with no service
+/// running; a running service without an HTTP API is named.
+fn open_for_writing(config: &Config) -> Result<FileStore, Failure> {
+    match FileStore::open(&config.service.state_dir) {
+        Ok(store) => Ok(store),
+        Err(StoreError::Locked { pid, .. }) => Err(Failure {
+            message: format!(
+                "the service is running{} and holds the state, and its HTTP API is off (service.listen is empty); stop it first",
+                pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+            ),
+            code: 75,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `d` to the second, as people read it.
+fn human(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
 }
 
 fn rfc3339(t: SystemTime) -> String {

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::issue::{Issue, IssueKey};
+use crate::orchestrator::RunningAttempt;
 
 /// Where an issue stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -288,6 +289,24 @@ impl IssueRecord {
             .saturating_add(1)
     }
 
+    /// The attempt the record says is running: the last one, while the
+    /// issue is `running` and that attempt has no outcome yet. A service
+    /// that died leaves such a record behind until its next start, so this
+    /// means "running" only while a service holds the state.
+    pub fn running_attempt(&self) -> Option<RunningAttempt> {
+        if self.status != IssueStatus::Running {
+            return None;
+        }
+        self.last_attempt()
+            .filter(|a| a.outcome.is_none())
+            .map(|a| RunningAttempt {
+                issue: self.key().clone(),
+                round: a.round,
+                attempt: a.number,
+                started_at: a.started_at,
+            })
+    }
+
     /// How many of this round's last attempts in a row were interrupted
     /// by the service stopping.
     pub fn interruptions_in_a_row(&self) -> u32 {
@@ -480,6 +499,26 @@ mod tests {
         assert_eq!(
             back.updated_at,
             SystemTime::UNIX_EPOCH + Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn the_running_attempt_is_the_last_one_without_an_outcome() {
+        let key = IssueKey::new("o/r".parse().unwrap(), 3);
+        let mut r = IssueRecord::new(Issue::new(key, "t"));
+        assert_eq!(r.running_attempt(), None);
+        r.attempts.push(attempt(1, 1, AttemptOutcome::Succeeded));
+        r.start_new_round();
+        r.attempts.push(attempt(2, 1, AttemptOutcome::Interrupted));
+        let mut running = attempt(2, 2, AttemptOutcome::Succeeded);
+        running.outcome = None;
+        r.attempts.push(running);
+        assert_eq!(r.running_attempt(), None, "queued, not running");
+        r.status = IssueStatus::Running;
+        let now = r.running_attempt().unwrap();
+        assert_eq!(
+            (now.issue.to_string(), now.round, now.attempt),
+            ("o/r#3".to_owned(), 2, 2)
         );
     }
 
