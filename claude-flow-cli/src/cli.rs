@@ -38,15 +38,20 @@ pub enum Command {
     /// Summarize the state: whether a service runs, a quota pause, the
     /// running attempts, and issues by status.
     Status,
-    /// List every known issue.
+    /// List every known issue: status, round and the round's attempts.
     List,
-    /// Show one issue with all its attempts.
+    /// Show one issue with all its attempts, by round.
     Show(IssueArg),
     /// Print an issue's workflow log (the latest attempt by default).
     Logs {
         #[command(flatten)]
         issue: IssueArg,
-        /// Which attempt.
+        /// Which round [default: the current one with --attempt, else the
+        /// latest attempt's].
+        #[arg(long)]
+        round: Option<u32>,
+        /// Which attempt, numbered within its round as `show` lists them
+        /// (CLAUDE_FLOW_ATTEMPT) [default: the round's latest].
         #[arg(long)]
         attempt: Option<u32>,
         /// Keep printing while the attempt runs.

@@ -111,9 +111,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Show(arg) => show(&config, &arg, cli.json).await,
         Command::Logs {
             issue,
+            round,
             attempt,
             follow,
-        } => logs(&config, &issue, attempt, follow).await,
+        } => logs(&config, &issue, round, attempt, follow).await,
         Command::Retry(arg) => change(&config, &arg, Change::Retry).await,
         Command::Cancel(arg) => change(&config, &arg, Change::Cancel).await,
         Command::Resume => resume(&config).await,
@@ -381,34 +382,35 @@ fn api_failure(pid: u32, e: ApiError) -> Failure {
 async fn list(config: &Config, json: bool) -> Result<(), Failure> {
     let store = read_store(config)?;
     let records = store.load().await?;
+    // The same numbers as `list --json` and `GET /api/issues`.
+    let summaries: Vec<_> = records.iter().map(IssueRecord::summary).collect();
     if json {
-        print_json(&json!(
-            records.iter().map(IssueRecord::summary).collect::<Vec<_>>()
-        ));
+        print_json(&json!(summaries));
         return Ok(());
     }
-    if records.is_empty() {
+    if summaries.is_empty() {
         println!("no issues yet");
         return Ok(());
     }
-    let width = records
+    let width = summaries
         .iter()
-        .map(|r| r.key().to_string().len())
+        .map(|s| s.issue.len())
         .max()
         .unwrap_or(5)
         .max(5);
     println!(
-        "{:<width$}  {:<9}  {:>8}  {:<40}  TITLE",
-        "ISSUE", "STATUS", "ATTEMPTS", "PULL REQUEST"
+        "{:<width$}  {:<9}  {:>5}  {:>8}  {:<40}  TITLE",
+        "ISSUE", "STATUS", "ROUND", "ATTEMPTS", "PULL REQUEST"
     );
-    for r in &records {
+    for s in &summaries {
         println!(
-            "{:<width$}  {:<9}  {:>8}  {:<40}  {}",
-            r.key().to_string(),
-            r.status.as_str(),
-            r.attempts.iter().filter(|a| a.round == r.round).count(),
-            r.pr_url.as_deref().unwrap_or("-"),
-            r.issue.title.replace(['\r', '\n'], " ")
+            "{:<width$}  {:<9}  {:>5}  {:>8}  {:<40}  {}",
+            s.issue,
+            s.status.as_str(),
+            s.round,
+            s.attempts,
+            s.pr_url.as_deref().unwrap_or("-"),
+            s.title.replace(['\r', '\n'], " ")
         );
     }
     Ok(())
@@ -432,8 +434,18 @@ async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Failure
     if let Some(e) = &r.last_error {
         println!("last error: {e}");
     }
-    println!("attempts:");
+    if r.attempts.is_empty() {
+        println!("attempts:   none yet");
+    }
+    // Attempts are numbered within their round (CLAUDE_FLOW_ATTEMPT), so
+    // they are listed under it.
+    let mut round = None;
     for a in &r.attempts {
+        if round != Some(a.round) {
+            round = Some(a.round);
+            let current = if a.round == r.round { " (current)" } else { "" };
+            println!("round {}{current}:", a.round);
+        }
         let outcome = match &a.outcome {
             None => "running".to_owned(),
             Some(o) => serde_json::to_value(o)
@@ -443,14 +455,16 @@ async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Failure
         };
         let detail = match &a.outcome {
             Some(claude_flow_core::AttemptOutcome::Failed { reason }) => format!(" ({reason})"),
+            Some(claude_flow_core::AttemptOutcome::QuotaExhausted { until }) => {
+                format!(" (until {})", rfc3339(*until))
+            }
             _ => String::new(),
         };
         println!(
-            "  #{:<3} round {}  {}  {:>8}  {}{}{}",
+            "  attempt {:<3} {}  {:>8}  {}{}{}",
             a.number,
-            a.round,
             rfc3339(a.started_at),
-            humantime::format_duration(Duration::from_secs(a.duration().as_secs())).to_string(),
+            human(a.duration()),
             outcome,
             detail,
             a.log_path
@@ -465,20 +479,32 @@ async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Failure
 async fn logs(
     config: &Config,
     arg: &IssueArg,
+    round: Option<u32>,
     attempt: Option<u32>,
     follow: bool,
 ) -> Result<(), Failure> {
     let r = record(config, arg).await?;
-    let chosen = match attempt {
-        Some(n) => r.attempts_this_round().find(|a| a.number == n),
-        None => r.attempts.last(),
+    // An attempt number alone is one of the current round's.
+    let chosen = match (round, attempt) {
+        (None, None) => r.attempts.last(),
+        (round, Some(n)) => {
+            let round = round.unwrap_or(r.round);
+            r.attempts
+                .iter()
+                .find(|a| a.round == round && a.number == n)
+        }
+        (Some(round), None) => r.attempts.iter().rev().find(|a| a.round == round),
     }
     .ok_or_else(|| Failure {
-        message: format!(
-            "{} has no attempt{}",
-            r.key(),
-            attempt.map(|n| format!(" {n}")).unwrap_or_default()
-        ),
+        message: match (round, attempt) {
+            (None, None) => format!("{} has no attempt yet", r.key()),
+            (round, Some(n)) => format!(
+                "{} has no attempt {n} in round {}",
+                r.key(),
+                round.unwrap_or(r.round)
+            ),
+            (Some(round), None) => format!("{} has no attempt in round {round}", r.key()),
+        },
         code: 1,
     })?;
     // A running attempt has no log path recorded yet; it is where the
@@ -494,7 +520,7 @@ async fn logs(
                 chosen.round, chosen.number
             ))
     });
-    let number = chosen.number;
+    let (round, number) = (chosen.round, chosen.number);
     let mut offset = copy_from(&path, 0)?;
     if !follow {
         return Ok(());
@@ -506,7 +532,11 @@ async fn logs(
         let running = store
             .get(&key)
             .await?
-            .and_then(|r| r.attempts.into_iter().find(|a| a.number == number))
+            .and_then(|r| {
+                r.attempts
+                    .into_iter()
+                    .find(|a| a.round == round && a.number == number)
+            })
             .is_some_and(|a| a.outcome.is_none());
         offset = copy_from(&path, offset)?;
         if !running {
