@@ -35,8 +35,11 @@ pub enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Summarize the state: whether a service runs, a quota pause, the
-    /// running attempts, and issues by status.
+    /// Summarize the state: the service, a quota pause, running attempts, issue counts.
+    ///
+    /// With a running service, its own view (`GET /healthz`); else the
+    /// state directory's. `--json` has `paused_until`, `pause_reason` and
+    /// `running` (issue, round, attempt, started_at) at the top level.
     Status,
     /// List every known issue: status, round and the round's attempts.
     List,
@@ -62,8 +65,11 @@ pub enum Command {
     Retry(IssueArg),
     /// Stop an issue from being started again until it is retried or re-triggered.
     Cancel(IssueArg),
-    /// End a quota pause now: workflows start again at once (through the
-    /// running service, else in the state directory).
+    /// End a quota pause now, so that workflows start again.
+    ///
+    /// Asks the running service (`POST /api/resume`) when one runs, else
+    /// clears the pause in the state directory. Prints the pause it lifted,
+    /// or `not paused`.
     Resume,
     /// Check or print the configuration.
     #[command(subcommand)]
