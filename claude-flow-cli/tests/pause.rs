@@ -306,3 +306,31 @@ fn status_lists_each_running_attempt_with_its_round_and_start() {
     // records said when the service stopped.
     assert_eq!(f.status()["running"], json!([]));
 }
+
+#[test]
+fn without_an_api_status_reads_the_running_attempts_from_the_state_directory() {
+    let f = fixture("");
+    f.workflow("echo $$ > started\nwhile [ ! -e ../../../../gate ]; do sleep 0.05; done");
+    let mut service = f.cli_process(&["run", "--once"]).spawn().unwrap();
+    wait_for("the workflow to start", || {
+        f.workspace(1).join("started").exists()
+    });
+    let status = f.status();
+    assert_eq!(status["service"]["health"], Value::Null);
+    let running = status["running"].as_array().unwrap();
+    assert_eq!(running.len(), 1, "{status}");
+    assert_eq!(running[0]["issue"], "local/issues#1");
+    assert_eq!(
+        (running[0]["round"].as_u64(), running[0]["attempt"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(time(&running[0]["started_at"]) <= SystemTime::now());
+    let text = run(&f, &["status"]);
+    assert!(
+        text.contains("working: local/issues#1 round 1 attempt 1, running for "),
+        "{text}"
+    );
+    std::fs::write(f.path("gate"), "").unwrap();
+    assert!(service.wait().unwrap().success());
+    assert_eq!(f.status()["running"], json!([]));
+}
