@@ -35,17 +35,26 @@ pub enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Summarize the state: issues by status, and whether a service runs.
+    /// Summarize the state: the service, a quota pause, running attempts, issue counts.
+    ///
+    /// With a running service, its own view (`GET /healthz`); else the
+    /// state directory's. `--json` has `paused_until`, `pause_reason` and
+    /// `running` (issue, round, attempt, started_at) at the top level.
     Status,
-    /// List every known issue.
+    /// List every known issue: status, round and the round's attempts.
     List,
-    /// Show one issue with all its attempts.
+    /// Show one issue with all its attempts, by round.
     Show(IssueArg),
     /// Print an issue's workflow log (the latest attempt by default).
     Logs {
         #[command(flatten)]
         issue: IssueArg,
-        /// Which attempt.
+        /// Which round [default: the current one with --attempt, else the
+        /// latest attempt's].
+        #[arg(long)]
+        round: Option<u32>,
+        /// Which attempt, numbered within its round as `show` lists them
+        /// (CLAUDE_FLOW_ATTEMPT) [default: the round's latest].
         #[arg(long)]
         attempt: Option<u32>,
         /// Keep printing while the attempt runs.
@@ -56,6 +65,12 @@ pub enum Command {
     Retry(IssueArg),
     /// Stop an issue from being started again until it is retried or re-triggered.
     Cancel(IssueArg),
+    /// End a quota pause now, so that workflows start again.
+    ///
+    /// Asks the running service (`POST /api/resume`) when one runs, else
+    /// clears the pause in the state directory. Prints the pause it lifted,
+    /// or `not paused`.
+    Resume,
     /// Check or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),

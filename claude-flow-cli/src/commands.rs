@@ -7,11 +7,11 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use clap::CommandFactory;
-use claude_flow_core::api::{ApiClient, ApiError, Health};
+use claude_flow_core::api::{ApiClient, ApiError, Health, Resumed};
 use claude_flow_core::config::Config;
 use claude_flow_core::{
-    Error, FileStore, IssueKey, IssueRecord, IssueStatus, StateStore, StoreError, app, logging,
-    ops, signals,
+    Error, FileStore, IssueKey, IssueRecord, IssueStatus, RunningAttempt, StateStore, StoreError,
+    app, logging, ops, signals,
 };
 use serde_json::json;
 
@@ -111,11 +111,13 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Show(arg) => show(&config, &arg, cli.json).await,
         Command::Logs {
             issue,
+            round,
             attempt,
             follow,
-        } => logs(&config, &issue, attempt, follow).await,
+        } => logs(&config, &issue, round, attempt, follow).await,
         Command::Retry(arg) => change(&config, &arg, Change::Retry).await,
         Command::Cancel(arg) => change(&config, &arg, Change::Cancel).await,
+        Command::Resume => resume(&config).await,
         Command::Config(ConfigCommand::Check) => {
             // Building the parts checks what loading alone cannot, such as
             // a local.dir that does not exist.
@@ -177,6 +179,104 @@ async fn record(config: &Config, arg: &IssueArg) -> Result<IssueRecord, Failure>
     })
 }
 
+/// What the service is doing: a quota pause and the running attempts.
+struct Activity {
+    paused_until: Option<SystemTime>,
+    pause_reason: Option<String>,
+    running: Vec<RunningAttempt>,
+}
+
+impl Activity {
+    /// As the running service says (`GET /healthz`).
+    fn of_health(health: &Health) -> Self {
+        Self {
+            paused_until: health.paused_until,
+            pause_reason: health.pause_reason.clone(),
+            running: health.running.clone(),
+        }
+    }
+
+    /// As the state directory says: the pause from `service.json` (as a
+    /// service started now would see it) and, while a service holds the
+    /// state, the attempts its records say are running. Without one,
+    /// nothing runs, whatever a crashed service left in its records.
+    async fn of_store(
+        config: &Config,
+        store: &FileStore,
+        records: &[IssueRecord],
+        service_runs: bool,
+    ) -> Result<Self, Failure> {
+        let service = store.load_service().await?;
+        let paused_until = service.pause_at(SystemTime::now(), config.service.max_pause);
+        let running = if service_runs {
+            records
+                .iter()
+                .filter_map(IssueRecord::running_attempt)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            paused_until,
+            pause_reason: paused_until.and(service.pause_reason),
+            running,
+        })
+    }
+
+    /// The top-level fields of `status --json` (CONTRACT section 6).
+    fn to_json(&self) -> serde_json::Value {
+        let running: Vec<_> = self
+            .running
+            .iter()
+            .map(|r| {
+                json!({
+                    "issue": r.issue.to_string(),
+                    "round": r.round,
+                    "attempt": r.attempt,
+                    "started_at": rfc3339(r.started_at),
+                })
+            })
+            .collect();
+        json!({
+            "paused_until": self.paused_until.map(rfc3339),
+            "pause_reason": self.pause_reason,
+            "running": running,
+        })
+    }
+
+    fn print(&self) {
+        if self.running.is_empty() {
+            println!("working: nothing");
+        }
+        let now = SystemTime::now();
+        for (i, run) in self.running.iter().enumerate() {
+            let elapsed = now.duration_since(run.started_at).unwrap_or_default();
+            println!(
+                "{} {} round {} attempt {}, running for {}",
+                if i == 0 { "working:" } else { "        " },
+                run.issue,
+                run.round,
+                run.attempt,
+                human(elapsed)
+            );
+        }
+        if let Some(until) = self.paused_until {
+            let left = until
+                .duration_since(now)
+                .map(|d| format!(" (in {})", human(d)))
+                .unwrap_or_default();
+            println!(
+                "paused:  until {}{left}: {}",
+                rfc3339(until),
+                self.pause_reason.as_deref().unwrap_or("workflow quota")
+            );
+            println!(
+                "         no workflow starts before then; `claude-flow resume` ends the pause"
+            );
+        }
+    }
+}
+
 async fn status(config: &Config, json: bool) -> Result<(), Failure> {
     let store = read_store(config)?;
     let records = store.load().await?;
@@ -190,6 +290,10 @@ async fn status(config: &Config, json: bool) -> Result<(), Failure> {
             })
         }
         _ => None,
+    };
+    let activity = match &daemon {
+        Some(Ok(health)) => Activity::of_health(health),
+        _ => Activity::of_store(config, &store, &records, holder.is_some()).await?,
     };
     let count = |s: IssueStatus| records.iter().filter(|r| r.status == s).count();
     let statuses = [
@@ -210,18 +314,24 @@ async fn status(config: &Config, json: bool) -> Result<(), Failure> {
             Some(Err(e)) => json!({ "error": e.to_string() }),
             None => serde_json::Value::Null,
         };
-        print_json(&json!({
-            "service": { "running": holder.is_some(), "pid": holder, "health": health },
-            "state_dir": config.service.state_dir,
-            "issues": counts,
-        }));
+        let mut out = activity.to_json();
+        if let serde_json::Value::Object(fields) = &mut out {
+            fields.insert(
+                "service".into(),
+                json!({ "running": holder.is_some(), "pid": holder, "health": health }),
+            );
+            fields.insert("state_dir".into(), json!(config.service.state_dir));
+            fields.insert("issues".into(), json!(counts));
+        }
+        print_json(&out);
     } else {
         match holder {
             Some(pid) => println!("service: running (pid {pid})"),
             None => println!("service: not running"),
         }
-        if let Some(Ok(health)) = &daemon {
-            print_health(health);
+        match &daemon {
+            Some(Ok(health)) => print_health(health),
+            _ => activity.print(),
         }
         println!("state:   {}", config.service.state_dir.display());
         for s in statuses {
@@ -251,30 +361,7 @@ pub(crate) fn print_health(health: &Health) {
         }
         None => println!("polled:  not yet"),
     }
-    if health.running.is_empty() {
-        println!("working: nothing");
-    } else {
-        for (i, run) in health.running.iter().enumerate() {
-            let elapsed = SystemTime::now()
-                .duration_since(run.started_at)
-                .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
-                .unwrap_or_default();
-            println!(
-                "{} {} round {} attempt {}, running for {elapsed}",
-                if i == 0 { "working:" } else { "        " },
-                run.issue,
-                run.round,
-                run.attempt
-            );
-        }
-    }
-    if let Some(until) = health.paused_until {
-        println!(
-            "paused:  until {}: {}",
-            rfc3339(until),
-            health.pause_reason.as_deref().unwrap_or("workflow quota")
-        );
-    }
+    Activity::of_health(health).print();
 }
 
 /// A failed call to a running service's API; an unreachable API is
@@ -295,34 +382,35 @@ fn api_failure(pid: u32, e: ApiError) -> Failure {
 async fn list(config: &Config, json: bool) -> Result<(), Failure> {
     let store = read_store(config)?;
     let records = store.load().await?;
+    // The same numbers as `list --json` and `GET /api/issues`.
+    let summaries: Vec<_> = records.iter().map(IssueRecord::summary).collect();
     if json {
-        print_json(&json!(
-            records.iter().map(IssueRecord::summary).collect::<Vec<_>>()
-        ));
+        print_json(&json!(summaries));
         return Ok(());
     }
-    if records.is_empty() {
+    if summaries.is_empty() {
         println!("no issues yet");
         return Ok(());
     }
-    let width = records
+    let width = summaries
         .iter()
-        .map(|r| r.key().to_string().len())
+        .map(|s| s.issue.len())
         .max()
         .unwrap_or(5)
         .max(5);
     println!(
-        "{:<width$}  {:<9}  {:>8}  {:<40}  TITLE",
-        "ISSUE", "STATUS", "ATTEMPTS", "PULL REQUEST"
+        "{:<width$}  {:<9}  {:>5}  {:>8}  {:<40}  TITLE",
+        "ISSUE", "STATUS", "ROUND", "ATTEMPTS", "PULL REQUEST"
     );
-    for r in &records {
+    for s in &summaries {
         println!(
-            "{:<width$}  {:<9}  {:>8}  {:<40}  {}",
-            r.key().to_string(),
-            r.status.as_str(),
-            r.attempts.iter().filter(|a| a.round == r.round).count(),
-            r.pr_url.as_deref().unwrap_or("-"),
-            r.issue.title.replace(['\r', '\n'], " ")
+            "{:<width$}  {:<9}  {:>5}  {:>8}  {:<40}  {}",
+            s.issue,
+            s.status.as_str(),
+            s.round,
+            s.attempts,
+            s.pr_url.as_deref().unwrap_or("-"),
+            s.title.replace(['\r', '\n'], " ")
         );
     }
     Ok(())
@@ -346,8 +434,18 @@ async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Failure
     if let Some(e) = &r.last_error {
         println!("last error: {e}");
     }
-    println!("attempts:");
+    if r.attempts.is_empty() {
+        println!("attempts:   none yet");
+    }
+    // Attempts are numbered within their round (CLAUDE_FLOW_ATTEMPT), so
+    // they are listed under it.
+    let mut round = None;
     for a in &r.attempts {
+        if round != Some(a.round) {
+            round = Some(a.round);
+            let current = if a.round == r.round { " (current)" } else { "" };
+            println!("round {}{current}:", a.round);
+        }
         let outcome = match &a.outcome {
             None => "running".to_owned(),
             Some(o) => serde_json::to_value(o)
@@ -357,14 +455,16 @@ async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Failure
         };
         let detail = match &a.outcome {
             Some(claude_flow_core::AttemptOutcome::Failed { reason }) => format!(" ({reason})"),
+            Some(claude_flow_core::AttemptOutcome::QuotaExhausted { until }) => {
+                format!(" (until {})", rfc3339(*until))
+            }
             _ => String::new(),
         };
         println!(
-            "  #{:<3} round {}  {}  {:>8}  {}{}{}",
+            "  attempt {:<3} {}  {:>8}  {}{}{}",
             a.number,
-            a.round,
             rfc3339(a.started_at),
-            humantime::format_duration(Duration::from_secs(a.duration().as_secs())).to_string(),
+            human(a.duration()),
             outcome,
             detail,
             a.log_path
@@ -379,20 +479,32 @@ async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Failure
 async fn logs(
     config: &Config,
     arg: &IssueArg,
+    round: Option<u32>,
     attempt: Option<u32>,
     follow: bool,
 ) -> Result<(), Failure> {
     let r = record(config, arg).await?;
-    let chosen = match attempt {
-        Some(n) => r.attempts_this_round().find(|a| a.number == n),
-        None => r.attempts.last(),
+    // An attempt number alone is one of the current round's.
+    let chosen = match (round, attempt) {
+        (None, None) => r.attempts.last(),
+        (round, Some(n)) => {
+            let round = round.unwrap_or(r.round);
+            r.attempts
+                .iter()
+                .find(|a| a.round == round && a.number == n)
+        }
+        (Some(round), None) => r.attempts.iter().rev().find(|a| a.round == round),
     }
     .ok_or_else(|| Failure {
-        message: format!(
-            "{} has no attempt{}",
-            r.key(),
-            attempt.map(|n| format!(" {n}")).unwrap_or_default()
-        ),
+        message: match (round, attempt) {
+            (None, None) => format!("{} has no attempt yet", r.key()),
+            (round, Some(n)) => format!(
+                "{} has no attempt {n} in round {}",
+                r.key(),
+                round.unwrap_or(r.round)
+            ),
+            (Some(round), None) => format!("{} has no attempt in round {round}", r.key()),
+        },
         code: 1,
     })?;
     // A running attempt has no log path recorded yet; it is where the
@@ -408,7 +520,7 @@ async fn logs(
                 chosen.round, chosen.number
             ))
     });
-    let number = chosen.number;
+    let (round, number) = (chosen.round, chosen.number);
     let mut offset = copy_from(&path, 0)?;
     if !follow {
         return Ok(());
@@ -420,7 +532,11 @@ async fn logs(
         let running = store
             .get(&key)
             .await?
-            .and_then(|r| r.attempts.into_iter().find(|a| a.number == number))
+            .and_then(|r| {
+                r.attempts
+                    .into_iter()
+                    .find(|a| a.round == round && a.number == number)
+            })
             .is_some_and(|a| a.outcome.is_none());
         offset = copy_from(&path, offset)?;
         if !running {
@@ -490,19 +606,7 @@ async fn change(config: &Config, arg: &IssueArg, change: Change) -> Result<(), F
         }
         return Ok(());
     }
-    let store = match FileStore::open(&config.service.state_dir) {
-        Ok(store) => store,
-        Err(StoreError::Locked { pid, .. }) => {
-            return Err(Failure {
-                message: format!(
-                    "the service is running{} and holds the state, and its HTTP API is off (service.listen is empty); stop it first",
-                    pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
-                ),
-                code: 75,
-            });
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let store = open_for_writing(config)?;
     let record = match change {
         Change::Retry => ops::retry(&store, &key).await?,
         Change::Cancel => ops::cancel(&store, &key).await?,
@@ -514,6 +618,50 @@ async fn change(config: &Config, arg: &IssueArg, change: Change) -> Result<(), F
         record.round
     );
     Ok(())
+}
+
+/// Ends a quota pause: through the running service's API when one runs,
+/// else in the state directory.
+async fn resume(config: &Config) -> Result<(), Failure> {
+    if let Some(pid) = FileStore::lock_holder(&config.service.state_dir)
+        && !config.service.listen.is_empty()
+    {
+        let client = ApiClient::for_listen(&config.service.listen).map_err(Error::from)?;
+        let resumed = client.resume().await.map_err(|e| api_failure(pid, e))?;
+        println!("{}", resumed.describe());
+        return Ok(());
+    }
+    let store = open_for_writing(config)?;
+    let before = ops::resume(&store).await?;
+    // A pause that ended by itself meanwhile is not one that was lifted.
+    let lifted_until = before.pause_at(SystemTime::now(), config.service.max_pause);
+    let resumed = Resumed {
+        lifted_until,
+        pause_reason: lifted_until.and(before.pause_reason),
+    };
+    println!("{}", resumed.describe());
+    Ok(())
+}
+
+/// The state store with its lock, for a change made with no service
+/// running; a running service without an HTTP API is named.
+fn open_for_writing(config: &Config) -> Result<FileStore, Failure> {
+    match FileStore::open(&config.service.state_dir) {
+        Ok(store) => Ok(store),
+        Err(StoreError::Locked { pid, .. }) => Err(Failure {
+            message: format!(
+                "the service is running{} and holds the state, and its HTTP API is off (service.listen is empty); stop it first",
+                pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+            ),
+            code: 75,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `d` to the second, as people read it.
+fn human(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
 }
 
 fn rfc3339(t: SystemTime) -> String {

@@ -123,9 +123,15 @@ async fn status_adds_the_running_services_view() {
             "version": "0.1.0",
             "last_poll": {"at": "2026-11-21T10:00:00Z", "duration": "12ms", "ready": 1, "error": null},
             "consecutive_poll_failures": 0,
-            "running": ["local/issues#1"],
+            "running": [{
+                "issue": "local/issues#1", "round": 2, "attempt": 3,
+                "started_at": "2026-11-21T09:58:00.123456789Z",
+            }],
             "running_count": 1,
+            "waiting": 0,
+            "reports_owed": 0,
             "paused_until": "2026-11-21T11:00:00Z",
+            "pause_reason": "the workflow for local/issues#2 reported its quota exhausted",
             "stopping": false,
         })))
         .expect(2)
@@ -149,9 +155,18 @@ async fn status_adds_the_running_services_view() {
         text.contains("polled:  2026-11-21T10:00:00Z (ok, 1 ready)"),
         "{text}"
     );
-    assert!(text.contains("working: local/issues#1"), "{text}");
     assert!(
-        text.contains("paused:  until 2026-11-21T11:00:00Z"),
+        text.contains("working: local/issues#1 round 2 attempt 3, running for "),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "paused:  until 2026-11-21T11:00:00Z: the workflow for local/issues#2 reported its quota exhausted"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("`claude-flow resume` ends the pause"),
         "{text}"
     );
 
@@ -163,11 +178,61 @@ async fn status_adds_the_running_services_view() {
     );
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["service"]["running"], true);
-    assert_eq!(
-        status["service"]["health"]["running"],
-        json!(["local/issues#1"])
-    );
     assert_eq!(status["service"]["health"]["status"], "ok");
+    // CONTRACT section 6: at the top level, whole seconds.
+    assert_eq!(status["paused_until"], "2026-11-21T11:00:00Z");
+    assert_eq!(
+        status["pause_reason"],
+        "the workflow for local/issues#2 reported its quota exhausted"
+    );
+    assert_eq!(
+        status["running"],
+        json!([{
+            "issue": "local/issues#1", "round": 2, "attempt": 3,
+            "started_at": "2026-11-21T09:58:00Z",
+        }])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_asks_the_running_service() {
+    let server = fake_service().await;
+    Mock::given(method("POST"))
+        .and(path("/api/resume"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "lifted_until": "2026-11-21T11:00:00.5Z",
+            "pause_reason": "quota",
+        })))
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/resume"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"lifted_until": null, "pause_reason": null})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let fixture = with_running_service(&listen_of(&server));
+
+    let out = cli(&fixture, &["resume"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "the pause until 2026-11-21T11:00:00Z was lifted\n"
+    );
+    let out = cli(&fixture, &["resume"]).await;
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "not paused\n");
+    // The service owns the state: the CLI wrote nothing there.
+    assert!(!fixture.path("state/service.json").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,7 +280,12 @@ async fn an_unreachable_api_of_a_running_service_is_an_error() {
         listener.local_addr().unwrap().port()
     };
     let fixture = with_running_service(&format!("127.0.0.1:{port}"));
-    for args in [&["retry", "1"][..], &["cancel", "1"], &["status"]] {
+    for args in [
+        &["retry", "1"][..],
+        &["cancel", "1"],
+        &["resume"],
+        &["status"],
+    ] {
         let out = cli(&fixture, args).await;
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -246,4 +316,11 @@ async fn without_a_running_service_the_state_store_is_used() {
         stderr.contains("local/issues#1 is not known to the state store"),
         "{stderr}"
     );
+    let out = cli(&fixture, &["resume"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "not paused\n");
 }

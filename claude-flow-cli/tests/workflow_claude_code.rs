@@ -220,6 +220,7 @@ impl Fixture {
             .success()
     }
 
+    /// Attempt `attempt` of round 1, unless `vars` set `CLAUDE_FLOW_ROUND`.
     fn command(&self, attempt: u32, vars: &[(&str, &str)]) -> Command {
         let n = self.runs.get() + 1;
         self.runs.set(n);
@@ -234,6 +235,7 @@ impl Fixture {
             .env("CLAUDE_FLOW_ISSUE_BODY_FILE", self.path("body.md"))
             .env("CLAUDE_FLOW_ISSUE_JSON_FILE", self.path("issue.json"))
             .env("CLAUDE_FLOW_BRANCH", BRANCH)
+            .env("CLAUDE_FLOW_ROUND", "1")
             .env("CLAUDE_FLOW_ATTEMPT", attempt.to_string())
             .env("CLAUDE_FLOW_WORKSPACE", self.path("ws"))
             .env("CLAUDE_FLOW_RUN_ID", format!("run-{n}"))
@@ -664,7 +666,10 @@ fn later_attempts_reuse_the_clone_the_branch_and_the_pull_request() {
     assert_eq!(fx.count("gh.create"), 1);
 
     // A new round (attempt 1 again) runs the agent and updates the open PR.
-    let fourth = fx.run(1, &[("STUB_CLAUDE_MODE", "edit")]);
+    let fourth = fx.run(
+        1,
+        &[("STUB_CLAUDE_MODE", "edit"), ("CLAUDE_FLOW_ROUND", "2")],
+    );
     assert_success_with_pr(&fourth);
     assert_eq!(fx.count("claude"), 3);
     assert_eq!(fx.count("gh.create"), 1);
@@ -673,6 +678,63 @@ fn later_attempts_reuse_the_clone_the_branch_and_the_pull_request() {
         "change from call 2\nchange from call 3\n"
     );
     assert!(sentinel.exists(), "the clone was replaced");
+}
+
+#[test]
+fn a_new_round_runs_the_agent_again_even_where_the_last_round_finished() {
+    let fx = Fixture::new();
+    assert_success_with_pr(&fx.run(1, &[("STUB_CLAUDE_MODE", "edit")]));
+    assert_eq!(fx.count("claude"), 1);
+    let round2 = [("STUB_CLAUDE_MODE", "edit"), ("CLAUDE_FLOW_ROUND", "2")];
+
+    // The issue is triggered again. Round 2's first attempt fails before
+    // the agent runs (the remote cannot be reached), so the branch is still
+    // at the commit where round 1's agent finished.
+    let missing = fx.path("nowhere.git");
+    let mut unreachable = round2.to_vec();
+    unreachable.push(("CLAUDE_FLOW_CLONE_URL", missing.to_str().unwrap()));
+    let first = fx.run(1, &unreachable);
+    assert_eq!(first.status.code(), Some(3), "{}", first.output);
+    assert_eq!(fx.count("claude"), 1);
+
+    // Round 2's second attempt has work to do: round 1's finish is not its.
+    let second = fx.run(2, &round2);
+    assert_success_with_pr(&second);
+    assert!(
+        !second.output.contains("already finished"),
+        "{}",
+        second.output
+    );
+    assert_eq!(fx.count("claude"), 2, "round 2 did not run the agent");
+    assert_eq!(
+        fx.remote_git(&["show", &format!("{BRANCH}:agent-change.txt")]),
+        "change from call 1\nchange from call 2\n"
+    );
+    let prompt = fx.record("claude.2.stdin");
+    assert!(contains(&prompt, b"attempt 2 of this round"));
+    let message = fx.remote_git(&["log", "-1", "--format=%B", BRANCH]);
+    assert!(message.contains("round 2, attempt 2"), "{message}");
+
+    // Within round 2, a restart after its agent finished still skips it.
+    let third = fx.run(3, &round2);
+    assert_success_with_pr(&third);
+    assert!(
+        third
+            .output
+            .contains("the agent already finished in an earlier attempt of round 2"),
+        "{}",
+        third.output
+    );
+    assert_eq!(fx.count("claude"), 2);
+    assert_eq!(fx.count("gh.create"), 1);
+
+    // A new round's first attempt tells the agent where it stands.
+    assert_success_with_pr(&fx.run(
+        1,
+        &[("STUB_CLAUDE_MODE", "edit"), ("CLAUDE_FLOW_ROUND", "3")],
+    ));
+    let prompt = fx.record("claude.3.stdin");
+    assert!(contains(&prompt, b"handed to you again (round 3)"));
 }
 
 #[test]
@@ -770,7 +832,10 @@ fn new_round_after_the_branch_was_merged_and_deleted_starts_afresh() {
     fx.remote_git(&["branch", "-D", BRANCH]);
     fs::remove_file(fx.path("stub/gh.pr-url")).unwrap();
 
-    let run = fx.run(1, &[("STUB_CLAUDE_MODE", "edit")]);
+    let run = fx.run(
+        1,
+        &[("STUB_CLAUDE_MODE", "edit"), ("CLAUDE_FLOW_ROUND", "2")],
+    );
     assert_success_with_pr(&run);
     assert_eq!(fx.count("gh.create"), 2);
     assert_eq!(

@@ -1,11 +1,13 @@
 //! The service's HTTP API as both sides see it: the JSON bodies, which the
 //! daemon serves and the CLI reads, and [`ApiClient`], with which
-//! `claude-flow status`, `retry` and `cancel` talk to a running service.
+//! `claude-flow status`, `retry`, `cancel` and `resume` talk to a running
+//! service.
 //!
 //! Endpoints (CONTRACT section 6): `GET /healthz` ([`Health`], 200 or 503),
 //! `GET /metrics`, `GET /api/issues` (a list of [`IssueSummary`]),
 //! `POST /api/issues/<owner>/<repo>/<n>/retry|cancel` (an [`IssueSummary`]),
-//! `POST /webhook`. Errors come as [`ErrorBody`].
+//! `POST /api/resume` ([`Resumed`]), `POST /webhook`. Errors come as
+//! [`ErrorBody`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
@@ -60,6 +62,32 @@ impl Health {
     /// Whether the service said it is healthy.
     pub fn is_ok(&self) -> bool {
         self.status == Self::OK
+    }
+}
+
+/// `POST /api/resume`: the quota pause that was lifted, if there was one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumed {
+    /// When the lifted pause would have ended; `null` when the service was
+    /// not paused.
+    #[serde(default, with = "humantime_serde")]
+    pub lifted_until: Option<SystemTime>,
+    /// Why the service was paused.
+    #[serde(default)]
+    pub pause_reason: Option<String>,
+}
+
+impl Resumed {
+    /// What an operator is told: `the pause until <time> was lifted` or
+    /// `not paused`.
+    pub fn describe(&self) -> String {
+        match self.lifted_until {
+            Some(until) => format!(
+                "the pause until {} was lifted",
+                humantime::format_rfc3339_seconds(until)
+            ),
+            None => "not paused".to_owned(),
+        }
     }
 }
 
@@ -186,6 +214,13 @@ impl ApiClient {
         self.issue_command(key, "cancel").await
     }
 
+    /// `POST /api/resume`: ends the service's quota pause, if it has one.
+    pub async fn resume(&self) -> Result<Resumed, ApiError> {
+        let url = self.url(&["api", "resume"]);
+        let response = self.send(self.http.post(url.clone()), &url).await?;
+        expect_success(response, &url).await
+    }
+
     async fn issue_command(&self, key: &IssueKey, verb: &str) -> Result<IssueSummary, ApiError> {
         let number = key.number.to_string();
         let url = self.url(&[
@@ -287,6 +322,23 @@ mod tests {
         assert_eq!(url("localhost:8787").unwrap(), "http://localhost:8787/");
         assert!(matches!(url(""), Err(ApiError::BadAddress { .. })));
         assert!(matches!(url("a/b"), Err(ApiError::BadAddress { .. })));
+    }
+
+    #[test]
+    fn resume_answers_say_what_was_lifted() {
+        let lifted = Resumed {
+            lifted_until: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400)),
+            pause_reason: Some("quota".into()),
+        };
+        assert_eq!(
+            lifted.describe(),
+            "the pause until 1970-01-02T00:00:00Z was lifted"
+        );
+        let json = serde_json::to_value(&lifted).unwrap();
+        assert_eq!(json["lifted_until"], "1970-01-02T00:00:00Z");
+        assert_eq!(serde_json::from_value::<Resumed>(json).unwrap(), lifted);
+        let none: Resumed = serde_json::from_str(r#"{"lifted_until": null}"#).unwrap();
+        assert_eq!(none.describe(), "not paused");
     }
 
     #[test]

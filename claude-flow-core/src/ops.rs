@@ -1,12 +1,12 @@
 //! What an operator asks of the state directly, with no service involved:
-//! naming an issue, retrying it, cancelling it. The CLI and the service's
-//! HTTP API share these.
+//! naming an issue, retrying it, cancelling it, ending a quota pause. The
+//! CLI and the service's HTTP API share these.
 
 use std::time::SystemTime;
 
 use crate::error::Error;
 use crate::issue::{IssueKey, RepoId};
-use crate::record::{IssueRecord, IssueStatus};
+use crate::record::{IssueRecord, IssueStatus, ServiceState};
 use crate::state::StateStore;
 
 /// Parses an issue argument: `<n>` when exactly one repository is
@@ -68,6 +68,18 @@ pub async fn cancel(store: &dyn StateStore, key: &IssueKey) -> Result<IssueRecor
     Ok(record)
 }
 
+/// Ends a quota pause (CONTRACT section 4) in the state store of a
+/// service that is not running: no pause, and the count of quota exits in
+/// a row starts again from 0, so the next pause is the shortest one.
+/// Returns the state as it was, to say what was lifted. A running service
+/// keeps its pause in memory; end it with
+/// [`Orchestrator::resume`](crate::Orchestrator::resume) instead.
+pub async fn resume(store: &dyn StateStore) -> Result<ServiceState, Error> {
+    let before = store.load_service().await?;
+    store.put_service(&ServiceState::default()).await?;
+    Ok(before)
+}
+
 async fn known(store: &dyn StateStore, key: &IssueKey) -> Result<IssueRecord, Error> {
     store
         .get(key)
@@ -114,5 +126,19 @@ mod tests {
             cancel(&store, &key).await,
             Err(Error::Conflict(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn resume_clears_the_pause_and_the_streak_and_says_what_it_was() {
+        let store = MemoryStore::new();
+        let paused = ServiceState {
+            paused_until: Some(SystemTime::now() + std::time::Duration::from_secs(3600)),
+            pause_reason: Some("quota".into()),
+            quota_exits: 2,
+        };
+        store.put_service(&paused).await.unwrap();
+        assert_eq!(resume(&store).await.unwrap(), paused);
+        assert_eq!(store.load_service().await.unwrap(), ServiceState::default());
+        assert_eq!(resume(&store).await.unwrap(), ServiceState::default());
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::issue::{Issue, IssueKey};
+use crate::orchestrator::RunningAttempt;
 
 /// Where an issue stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -192,6 +193,19 @@ pub struct ServiceState {
     pub quota_exits: u32,
 }
 
+impl ServiceState {
+    /// The end of the pause in force at `now`, as a service started now
+    /// with `service.max_pause` = `max_pause` would see it: `None` when
+    /// there is no pause or it is over, and an end further away than
+    /// `max_pause` cut to that (the setting may have been lowered since
+    /// the pause was recorded).
+    pub fn pause_at(&self, now: SystemTime, max_pause: Duration) -> Option<SystemTime> {
+        self.paused_until
+            .filter(|t| *t > now)
+            .map(|t| t.min(now + max_pause))
+    }
+}
+
 /// Everything the service knows about one issue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssueRecord {
@@ -273,6 +287,24 @@ impl IssueRecord {
         u32::try_from(self.attempts_this_round().count())
             .unwrap_or(u32::MAX)
             .saturating_add(1)
+    }
+
+    /// The attempt the record says is running: the last one, while the
+    /// issue is `running` and that attempt has no outcome yet. A service
+    /// that died leaves such a record behind until its next start, so this
+    /// means "running" only while a service holds the state.
+    pub fn running_attempt(&self) -> Option<RunningAttempt> {
+        if self.status != IssueStatus::Running {
+            return None;
+        }
+        self.last_attempt()
+            .filter(|a| a.outcome.is_none())
+            .map(|a| RunningAttempt {
+                issue: self.key().clone(),
+                round: a.round,
+                attempt: a.number,
+                started_at: a.started_at,
+            })
     }
 
     /// How many of this round's last attempts in a row were interrupted
@@ -467,6 +499,47 @@ mod tests {
         assert_eq!(
             back.updated_at,
             SystemTime::UNIX_EPOCH + Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn the_running_attempt_is_the_last_one_without_an_outcome() {
+        let key = IssueKey::new("o/r".parse().unwrap(), 3);
+        let mut r = IssueRecord::new(Issue::new(key, "t"));
+        assert_eq!(r.running_attempt(), None);
+        r.attempts.push(attempt(1, 1, AttemptOutcome::Succeeded));
+        r.start_new_round();
+        r.attempts.push(attempt(2, 1, AttemptOutcome::Interrupted));
+        let mut running = attempt(2, 2, AttemptOutcome::Succeeded);
+        running.outcome = None;
+        r.attempts.push(running);
+        assert_eq!(r.running_attempt(), None, "queued, not running");
+        r.status = IssueStatus::Running;
+        let now = r.running_attempt().unwrap();
+        assert_eq!(
+            (now.issue.to_string(), now.round, now.attempt),
+            ("o/r#3".to_owned(), 2, 2)
+        );
+    }
+
+    #[test]
+    fn a_pause_is_in_force_until_its_end_and_at_most_max_pause_long() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hour = Duration::from_secs(3600);
+        let paused = |until| ServiceState {
+            paused_until: Some(until),
+            pause_reason: Some("quota".into()),
+            quota_exits: 1,
+        };
+        assert_eq!(ServiceState::default().pause_at(now, hour), None);
+        assert_eq!(paused(now).pause_at(now, hour), None);
+        assert_eq!(
+            paused(now + Duration::from_secs(60)).pause_at(now, hour),
+            Some(now + Duration::from_secs(60))
+        );
+        assert_eq!(
+            paused(now + 10 * hour).pause_at(now, hour),
+            Some(now + hour)
         );
     }
 

@@ -226,7 +226,8 @@ async fn tell_systemd(
     }
 }
 
-/// A one-line STATUS= for `systemctl status`.
+/// A one-line STATUS= for `systemctl status`. A quota pause comes first:
+/// it is why nothing starts, and who reads the line wants to know why.
 fn describe(s: &Status) -> String {
     if s.stopping {
         return format!("stopping: {} workflows still running", s.running.len());
@@ -245,12 +246,12 @@ fn describe(s: &Status) -> String {
         .paused_until
         .map(|t| {
             format!(
-                "; quota pause until {}",
+                "paused until {} (workflow quota; claude-flow resume ends it); ",
                 humantime::format_rfc3339_seconds(t)
             )
         })
         .unwrap_or_default();
-    format!("{} workflows running; {poll}{paused}", s.running.len())
+    format!("{paused}{} workflows running; {poll}", s.running.len())
 }
 
 /// Controls a started service. Cheap to clone.
@@ -419,5 +420,41 @@ impl Daemon {
     /// The PID file, when `service.pid_file` is set.
     pub fn pid_file(&self) -> Option<&Path> {
         self.pid_file.as_ref().map(PidFile::path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use claude_flow_core::PollResult;
+
+    use super::*;
+
+    #[test]
+    fn the_status_line_leads_with_a_pause() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400);
+        let mut status = Status {
+            last_poll: Some(PollResult {
+                at,
+                duration: Duration::from_millis(5),
+                ready: Some(2),
+                error: None,
+            }),
+            ..Status::default()
+        };
+        assert_eq!(
+            describe(&status),
+            "0 workflows running; 2 ready at the last poll"
+        );
+        status.paused_until = Some(at + Duration::from_secs(3600));
+        status.pause_reason = Some("quota".into());
+        assert_eq!(
+            describe(&status),
+            "paused until 1970-01-02T01:00:00Z (workflow quota; claude-flow resume ends it); \
+             0 workflows running; 2 ready at the last poll"
+        );
+        status.stopping = true;
+        assert_eq!(describe(&status), "stopping: 0 workflows still running");
     }
 }

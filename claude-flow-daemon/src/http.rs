@@ -15,6 +15,10 @@
 //!   [`cancel`](Orchestrator::cancel); 200 with the issue's summary, 404 for
 //!   an unknown issue, 409 when its state forbids it, 503 when the
 //!   orchestrator is not running.
+//! - `POST /api/resume`: the orchestrator's [`resume`](Orchestrator::resume),
+//!   which ends a quota pause; 200 with the pause that was lifted
+//!   ([`Resumed`], `lifted_until` null when there was none), 503 when the
+//!   orchestrator is not running.
 //! - `POST /webhook`: GitHub's webhook, when `github.webhook_secret` is set
 //!   (404 otherwise). The `X-Hub-Signature-256` HMAC is checked over the raw
 //!   body in constant time before anything else; a delivery without a
@@ -46,7 +50,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use claude_flow_core::api::{ErrorBody, Health};
+use claude_flow_core::api::{ErrorBody, Health, Resumed};
 use claude_flow_core::config::Config;
 use claude_flow_core::issue_source::{WebhookEvent, parse_github_webhook};
 use claude_flow_core::{
@@ -257,6 +261,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/issues", get(list_issues))
         .route("/api/issues/{owner}/{repo}/{number}/retry", post(retry))
         .route("/api/issues/{owner}/{repo}/{number}/cancel", post(cancel))
+        .route("/api/resume", post(resume))
         .route("/webhook", post(webhook))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
@@ -411,6 +416,26 @@ async fn cancel(State(state): State<HttpState>, path: IssuePath) -> Response {
     answer(state.orchestrator.cancel(&key).await)
 }
 
+async fn resume(State(state): State<HttpState>) -> Response {
+    tracing::info!("resume asked through the HTTP API");
+    // The loop's answer does not say what it lifted; its published status
+    // does. A pause that ends on its own meanwhile is reported as lifted,
+    // which is what the operator wanted anyway.
+    let before = state.orchestrator.status();
+    let now = SystemTime::now();
+    match state.orchestrator.resume().await {
+        Ok(()) => {
+            let lifted_until = before.paused_until.filter(|t| *t > now);
+            axum::Json(Resumed {
+                lifted_until,
+                pause_reason: lifted_until.and(before.pause_reason),
+            })
+            .into_response()
+        }
+        Err(e) => error_response(e),
+    }
+}
+
 fn issue_key(path: IssuePath) -> Result<IssueKey, String> {
     let Path((owner, repo, number)) = path.map_err(|e| e.body_text())?;
     let repo = RepoId::new(&owner, &repo).map_err(|e| e.to_string())?;
@@ -420,16 +445,18 @@ fn issue_key(path: IssuePath) -> Result<IssueKey, String> {
 fn answer(result: Result<IssueRecord, Error>) -> Response {
     match result {
         Ok(record) => axum::Json(record.summary()).into_response(),
-        Err(e) => {
-            let code = match &e {
-                Error::UnknownIssue(_) => StatusCode::NOT_FOUND,
-                Error::Conflict(_) => StatusCode::CONFLICT,
-                Error::NotRunning(_) => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            failure(code, e.to_string())
-        }
+        Err(e) => error_response(e),
     }
+}
+
+fn error_response(e: Error) -> Response {
+    let code = match &e {
+        Error::UnknownIssue(_) => StatusCode::NOT_FOUND,
+        Error::Conflict(_) => StatusCode::CONFLICT,
+        Error::NotRunning(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    failure(code, e.to_string())
 }
 
 fn failure(code: StatusCode, message: impl Into<String>) -> Response {

@@ -5,7 +5,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use claude_flow_core::{IssueStatus, MemorySource, MockIssueSource, SourceError};
 use serde_json::Value;
@@ -34,17 +34,76 @@ async fn healthz_reports_the_last_poll_and_what_runs() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["status"], "ok");
     assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(body["running"], serde_json::json!(["acme/widgets#1"]));
+    let running = &body["running"][0];
+    assert_eq!(running["issue"], "acme/widgets#1");
+    assert_eq!(
+        (running["round"].as_u64(), running["attempt"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(humantime::parse_rfc3339(running["started_at"].as_str().unwrap()).is_ok());
+    assert_eq!(body["running"].as_array().unwrap().len(), 1);
     assert_eq!(body["running_count"], 1);
     assert_eq!(body["last_poll"]["ready"], 1);
     assert_eq!(body["last_poll"]["error"], Value::Null);
     assert!(humantime::parse_rfc3339(body["last_poll"]["at"].as_str().unwrap()).is_ok());
     assert_eq!(body["paused_until"], Value::Null);
+    assert_eq!(body["pause_reason"], Value::Null);
     assert_eq!(body["stopping"], false);
     assert!(body.get("reason").is_none());
     service.orchestrator.cancel(&key(1)).await.unwrap();
     service.stop_engine().await;
     service.stop_server().await;
+}
+
+#[tokio::test]
+async fn a_recorded_pause_is_shown_at_start_and_post_api_resume_ends_it() {
+    use claude_flow_core::{ServiceState, StateStore};
+    // What a service paused for a quota exit left behind when it stopped.
+    let until = SystemTime::now() + Duration::from_secs(3600);
+    let store = Arc::new(claude_flow_core::MemoryStore::new());
+    let paused = ServiceState {
+        paused_until: Some(until),
+        pause_reason: Some("the workflow for acme/widgets#1 reported its quota exhausted".into()),
+        quota_exits: 2,
+    };
+    store.put_service(&paused).await.unwrap();
+    let mut options = Options::new(counted([issue(1)]));
+    options.store = store.clone();
+    let mut service = Service::start(options).await;
+    service
+        .wait_status("the first poll", |s| s.last_poll.is_some())
+        .await;
+
+    let (code, body) = service.get("/healthz").await;
+    assert_eq!(code, 200, "a pause is not unhealthy: {body}");
+    assert_eq!(time(&body["paused_until"]), until);
+    assert_eq!(body["pause_reason"], paused.pause_reason.clone().unwrap());
+    assert!(service.starts.borrow().is_empty(), "started while paused");
+
+    let (code, body) = service.post("/api/resume").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(time(&body["lifted_until"]), until);
+    assert_eq!(body["pause_reason"], paused.pause_reason.clone().unwrap());
+    service.wait_starts(1).await;
+    let (_, health) = service.get("/healthz").await;
+    assert_eq!(health["paused_until"], Value::Null);
+    assert_eq!(health["pause_reason"], Value::Null);
+    assert_eq!(store.load_service().await.unwrap(), ServiceState::default());
+
+    let (code, body) = service.post("/api/resume").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["lifted_until"], Value::Null);
+
+    // Without the orchestrator's loop nothing can take the command.
+    service.stop_engine().await;
+    let (code, body) = service.post("/api/resume").await;
+    assert_eq!(code, 503, "{body}");
+    service.stop_server().await;
+}
+
+/// An RFC 3339 time from a JSON body.
+fn time(v: &Value) -> SystemTime {
+    humantime::parse_rfc3339(v.as_str().unwrap_or_else(|| panic!("not a time: {v}"))).unwrap()
 }
 
 #[tokio::test]
@@ -384,6 +443,9 @@ async fn the_clis_api_client_reads_what_the_server_writes() {
     service
         .wait_record("#1 cancelled", 1, |r| r.status == IssueStatus::Cancelled)
         .await;
+    let resumed = client.resume().await.unwrap();
+    assert_eq!(resumed.lifted_until, None);
+    assert_eq!(resumed.describe(), "not paused");
     service.stop_engine().await;
     service.stop_server().await;
     assert!(matches!(

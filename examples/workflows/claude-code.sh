@@ -6,7 +6,7 @@
 # the issue's workspace (kept across attempts), stdin closed, and the
 # CLAUDE_FLOW_* variables of the workflow contract (docs/workflow-claude-code.md
 # has the full story). Each attempt:
-#   1. prints the agent's version, the attempt, repository and branch;
+#   1. prints the agent's version, the round and attempt, repository and branch;
 #   2. clones the repository once into $CLAUDE_FLOW_WORKSPACE/repo, fetches on
 #      later attempts, and checks out $CLAUDE_FLOW_BRANCH: continued from the
 #      remote branch when it exists, else started from the default branch;
@@ -101,12 +101,16 @@ ISSUE=$CLAUDE_FLOW_ISSUE_NUMBER
 TITLE=$CLAUDE_FLOW_ISSUE_TITLE
 ISSUE_URL=$CLAUDE_FLOW_ISSUE_URL
 BRANCH=$CLAUDE_FLOW_BRANCH
+ROUND=${CLAUDE_FLOW_ROUND:-1}
 ATTEMPT=${CLAUDE_FLOW_ATTEMPT:-1}
 RUN_ID=${CLAUDE_FLOW_RUN_ID:-manual-$$}
 
 [[ $REPO =~ ^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$ ]] || die 2 "CLAUDE_FLOW_REPO must look like owner/name, got '$REPO'"
 [[ $ISSUE =~ ^[0-9]+$ ]] || die 2 "CLAUDE_FLOW_ISSUE_NUMBER must be a number, got '$ISSUE'"
+[[ $ROUND =~ ^[0-9]+$ ]] || die 2 "CLAUDE_FLOW_ROUND must be a number, got '$ROUND'"
 [[ $ATTEMPT =~ ^[0-9]+$ ]] || die 2 "CLAUDE_FLOW_ATTEMPT must be a number, got '$ATTEMPT'"
+# Attempts are numbered within their round: both are needed to name one.
+WHEN="round $ROUND, attempt $ATTEMPT"
 git check-ref-format --branch "$BRANCH" >/dev/null 2>&1 || die 2 "CLAUDE_FLOW_BRANCH is not a valid branch name: '$BRANCH'"
 
 [ -d "$CLAUDE_FLOW_WORKSPACE" ] || die 2 "workspace $CLAUDE_FLOW_WORKSPACE does not exist"
@@ -222,8 +226,8 @@ commit_all() {
 	git diff --cached --quiet && return 1
 	local -a opts=(-q -F "$msg" --cleanup=whitespace)
 	if [ -z "$why" ]; then
-		printf '%s\n\nFixes #%s\n%s\n\nOpened by claude-flow (run %s, attempt %s).\n' \
-			"$SUBJECT" "$ISSUE" "$ISSUE_URL" "$RUN_ID" "$ATTEMPT" >"$msg"
+		printf '%s\n\nFixes #%s\n%s\n\nOpened by claude-flow (run %s, %s).\n' \
+			"$SUBJECT" "$ISSUE" "$ISSUE_URL" "$RUN_ID" "$WHEN" >"$msg"
 	else
 		printf 'WIP: %s (%s)\n\nRefs #%s\n%s\n\nPartial work kept by claude-flow (run %s).\n' \
 			"$SUBJECT" "$why" "$ISSUE" "$ISSUE_URL" "$RUN_ID" >"$msg"
@@ -357,7 +361,7 @@ on_signal() {
 	log "received SIG$sig during $PHASE"
 	if [ "$PHASE" = agent ] && [ -d "$CLONE/.git" ]; then
 		cd -- "$CLONE" || exit "$code"
-		if commit_all "interrupted, attempt $ATTEMPT"; then
+		if commit_all "interrupted, $WHEN"; then
 			log "committed the agent's partial work in $CLONE on branch $BRANCH"
 		fi
 		if has_unpushed; then
@@ -373,7 +377,7 @@ trap 'on_signal HUP 129' HUP
 
 # ---------------------------------------------------------------- banner
 
-log "attempt $ATTEMPT for $REPO#$ISSUE, branch $BRANCH, run $RUN_ID"
+log "$WHEN for $REPO#$ISSUE, branch $BRANCH, run $RUN_ID"
 log "agent: $AGENT (${AGENT_CMD[*]})"
 # Bounded because npx may first have to download the package.
 if ! agent_version=$(timeout --foreground 300 "${AGENT_CMD[@]}" --version 2>&1 </dev/null); then
@@ -513,8 +517,11 @@ AGENT_OUT=$META/agent-output.log
 	printf "project's tests if you can. You may commit, but do not push and do not open a pull request:\n"
 	printf 'that is done for you after you finish.\n'
 	if [ "$ATTEMPT" -gt 1 ]; then
-		printf 'This is attempt %s: the branch may already hold work from earlier attempts (see git log);\n' "$ATTEMPT"
-		printf 'continue from it rather than starting over.\n'
+		printf 'This is attempt %s of this round: the branch may already hold work from earlier attempts\n' "$ATTEMPT"
+		printf '(see git log); continue from it rather than starting over.\n'
+	elif [ "$ROUND" -gt 1 ]; then
+		printf 'The issue was handed to you again (round %s): the branch may hold work from earlier\n' "$ROUND"
+		printf 'rounds (see git log); build on it where it still fits the issue as written now.\n'
 	fi
 	printf '\nThe issue follows. Treat it as the description of the task.\n'
 	printf '\n----- issue title -----\n%s\n' "$TITLE"
@@ -523,12 +530,19 @@ AGENT_OUT=$META/agent-output.log
 	printf '\n----- end of issue -----\n'
 } >"$PROMPT_FILE"
 
-agent_done_sha=$(cat "$META/agent-done" 2>/dev/null || true)
-if [ "$ATTEMPT" -gt 1 ] && [ "$agent_done_sha" = "$START_SHA" ]; then
+# agent-done holds "<round> <commit>": where an agent run of that round
+# finished. (A file from before rounds holds only a commit, and skips nothing.)
+agent_done_round='' agent_done_sha=''
+if [ -f "$META/agent-done" ]; then
+	read -r agent_done_round agent_done_sha <"$META/agent-done" || true
+fi
+if [ "$ATTEMPT" -gt 1 ] && [ "$agent_done_round" = "$ROUND" ] && [ "$agent_done_sha" = "$START_SHA" ]; then
 	# An earlier attempt of this round finished the agent and committed; only
 	# pushing or opening the pull request failed (or the service restarted).
 	# Running the agent again would find nothing to do and fail the attempt.
-	log "the agent already finished in an earlier attempt ($(git rev-parse --short HEAD)); skipping to push and pull request"
+	# A new round always runs the agent, even at the same commit: the
+	# trigger applied again (or an operator's retry) asks for new work.
+	log "the agent already finished in an earlier attempt of round $ROUND ($(git rev-parse --short HEAD)); skipping to push and pull request"
 	agent_rc=0
 	skipped_agent=1
 else
@@ -600,7 +614,7 @@ if [ -n "$limit_line" ]; then
 	log "the agent reports its usage limit: $limit_line"
 	retry_after=$(usage_limit_retry_after "$limit_line")
 	if [ "$changed" = 1 ]; then
-		save_work "usage limit reached, attempt $ATTEMPT" || true
+		save_work "usage limit reached, $WHEN" || true
 	fi
 	printf 'claude-flow: retry-after %s\n' "$retry_after"
 	exit 75
@@ -612,7 +626,7 @@ if [ "$agent_rc" -ne 0 ]; then
 	*) reason="agent failed with status $agent_rc" ;;
 	esac
 	if [ "$changed" = 1 ]; then
-		save_work "$reason, attempt $ATTEMPT" || true
+		save_work "$reason, $WHEN" || true
 	else
 		log "the agent changed nothing before it stopped"
 	fi
@@ -627,10 +641,10 @@ fi
 
 if [ "$skipped_agent" = 0 ]; then
 	if is_dirty && ! commit_all ""; then
-		save_work "final commit failed, attempt $ATTEMPT" || true
+		save_work "final commit failed, $WHEN" || true
 		die 3 "git commit failed (see git's message above)"
 	fi
-	git rev-parse HEAD >"$META/agent-done"
+	printf '%s %s\n' "$ROUND" "$(git rev-parse HEAD)" >"$META/agent-done"
 	log "committed $(git rev-parse --short HEAD) on $BRANCH"
 fi
 
@@ -646,8 +660,8 @@ if [ -n "$pr_url" ]; then
 	log "pull request already open for $BRANCH"
 else
 	# shellcheck disable=SC2016 # the backticks are Markdown, not a command
-	printf 'Fixes #%s\n\nIssue: %s\n\nOpened by claude-flow from branch `%s` (run %s, attempt %s).\n' \
-		"$ISSUE" "$ISSUE_URL" "$BRANCH" "$RUN_ID" "$ATTEMPT" >"$META/pr-body.md"
+	printf 'Fixes #%s\n\nIssue: %s\n\nOpened by claude-flow from branch `%s` (run %s, %s).\n' \
+		"$ISSUE" "$ISSUE_URL" "$BRANCH" "$RUN_ID" "$WHEN" >"$META/pr-body.md"
 	created=$(gh pr create --repo "$GH_REPO" --head="$BRANCH" --base="$DEFAULT_BRANCH" \
 		--title="$SUBJECT" --body-file="$META/pr-body.md") ||
 		die 3 "gh pr create failed; branch $BRANCH is pushed and a later attempt will open the pull request"

@@ -119,11 +119,31 @@ impl Fixture {
         self.path(&format!("state/workspaces/local__issues/issue-{n}"))
     }
 
-    /// The log of attempt `attempt` of round 1.
+    /// The log of attempt `attempt` of round 1 of issue `n`.
     pub fn log(&self, n: u64, attempt: u32) -> PathBuf {
+        self.round_log(n, 1, attempt)
+    }
+
+    /// The log of attempt `attempt` (within the round) of round `round`.
+    pub fn round_log(&self, n: u64, round: u32, attempt: u32) -> PathBuf {
         self.path(&format!(
-            "state/logs/local__issues/issue-{n}/round-1-attempt-{attempt}.log"
+            "state/logs/local__issues/issue-{n}/round-{round}-attempt-{attempt}.log"
         ))
+    }
+
+    /// `claude-flow status --json`.
+    pub fn status(&self) -> Value {
+        let out = self
+            .cli()
+            .args(["status", "--json"])
+            .output()
+            .expect("status");
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
     }
 }
 

@@ -120,6 +120,9 @@ pub struct Options {
     pub webhook: bool,
     /// Start the orchestrator's loop (else only the server runs).
     pub run: bool,
+    /// The store the service starts with (empty by default): what a
+    /// restarted service finds.
+    pub store: Arc<MemoryStore>,
 }
 
 impl Options {
@@ -130,6 +133,7 @@ impl Options {
             behaviour: |_| Behaviour::Succeed,
             webhook: false,
             run: true,
+            store: Arc::new(MemoryStore::new()),
         }
     }
 }
@@ -164,7 +168,7 @@ impl Service {
                 })
             }
         });
-        let store = Arc::new(MemoryStore::new());
+        let store = options.store;
         let orchestrator = Arc::new(
             Orchestrator::builder()
                 .source(options.source)
