@@ -50,7 +50,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use claude_flow_core::api::{ErrorBody, Health, Resumed};
+use claude_flow_core::api::{ErrorBody, Health};
 use claude_flow_core::config::Config;
 use claude_flow_core::issue_source::{WebhookEvent, parse_github_webhook};
 use claude_flow_core::{
@@ -418,20 +418,8 @@ async fn cancel(State(state): State<HttpState>, path: IssuePath) -> Response {
 
 async fn resume(State(state): State<HttpState>) -> Response {
     tracing::info!("resume asked through the HTTP API");
-    // The loop's answer does not say what it lifted; its published status
-    // does. A pause that ends on its own meanwhile is reported as lifted,
-    // which is what the operator wanted anyway.
-    let before = state.orchestrator.status();
-    let now = SystemTime::now();
     match state.orchestrator.resume().await {
-        Ok(()) => {
-            let lifted_until = before.paused_until.filter(|t| *t > now);
-            axum::Json(Resumed {
-                lifted_until,
-                pause_reason: lifted_until.and(before.pause_reason),
-            })
-            .into_response()
-        }
+        Ok(resumed) => axum::Json(resumed).into_response(),
         Err(e) => error_response(e),
     }
 }

@@ -187,10 +187,13 @@ impl Engine {
         self.service = self.shared.store.load_service().await?;
         let paused = pause::still_paused(self.service.paused_until, &settings, now);
         if paused != self.service.paused_until {
+            // Saved cut, so that restarts cannot push a long pause out
+            // again and again from their own start.
             self.service.paused_until = paused;
             if paused.is_none() {
                 self.service.pause_reason = None;
             }
+            self.shared.store.put_service(&self.service).await?;
         }
         if let Some(until) = paused {
             tracing::warn!(
@@ -374,20 +377,30 @@ impl Engine {
         }
     }
 
-    /// Whether a quota pause holds starts back; ends one that is over.
+    /// Whether a quota pause holds starts back; ends one that is over, and
+    /// cuts one that a lowered `max_pause` makes too long.
     async fn paused(&mut self, settings: &Settings, reporter: &Reporter) -> bool {
         let Some(until) = self.service.paused_until else {
             return false;
         };
-        if pause::still_paused(Some(until), settings, SystemTime::now()).is_some() {
-            return true;
+        match pause::still_paused(Some(until), settings, SystemTime::now()) {
+            Some(cut) if cut < until => {
+                tracing::info!(until = %humantime::format_rfc3339_seconds(cut), "the quota pause is cut to service.max_pause");
+                self.service.paused_until = Some(cut);
+                self.save_service().await;
+                self.publish(reporter, |_| {});
+                true
+            }
+            Some(_) => true,
+            None => {
+                tracing::info!("the quota pause is over: starting workflows again");
+                self.service.paused_until = None;
+                self.service.pause_reason = None;
+                self.save_service().await;
+                self.publish(reporter, |_| {});
+                false
+            }
         }
-        tracing::info!("the quota pause is over: starting workflows again");
-        self.service.paused_until = None;
-        self.service.pause_reason = None;
-        self.save_service().await;
-        self.publish(reporter, |_| {});
-        false
     }
 
     fn start(&mut self, key: IssueKey, settings: &Settings, reporter: &Reporter) {
@@ -675,12 +688,22 @@ impl Engine {
                 let _ = reply.send(result);
             }
             Command::Resume(reply) => {
-                let was = self.service.paused_until.take();
-                self.service.pause_reason = None;
+                let lifted = crate::api::Resumed {
+                    lifted_until: self.service.paused_until.take(),
+                    pause_reason: self.service.pause_reason.take(),
+                };
                 self.service.quota_exits = 0;
-                let result = store.put_service(&self.service).await.map_err(Error::from);
-                if was.is_some() && result.is_ok() {
-                    tracing::info!("the quota pause was ended by an operator");
+                let result = store
+                    .put_service(&self.service)
+                    .await
+                    .map(|()| lifted)
+                    .map_err(Error::from);
+                if let Ok(crate::api::Resumed {
+                    lifted_until: Some(until),
+                    ..
+                }) = &result
+                {
+                    tracing::info!(until = %humantime::format_rfc3339_seconds(*until), "the quota pause was ended by an operator");
                 }
                 let _ = reply.send(result);
             }

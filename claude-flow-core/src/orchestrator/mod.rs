@@ -284,7 +284,7 @@ pub struct PollResult {
 enum Command {
     Retry(IssueKey, oneshot::Sender<Result<IssueRecord, Error>>),
     Cancel(IssueKey, oneshot::Sender<Result<IssueRecord, Error>>),
-    Resume(oneshot::Sender<Result<(), Error>>),
+    Resume(oneshot::Sender<Result<crate::api::Resumed, Error>>),
 }
 
 impl Command {
@@ -391,8 +391,9 @@ impl Orchestrator {
             .await
     }
 
-    /// Ends a quota pause now, through the running loop.
-    pub async fn resume(&self) -> Result<(), Error> {
+    /// Ends a quota pause now, through the running loop; says which pause
+    /// it ended (none when the service was not paused).
+    pub async fn resume(&self) -> Result<crate::api::Resumed, Error> {
         self.command(Command::Resume).await
     }
 
