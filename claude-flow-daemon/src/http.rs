@@ -17,7 +17,7 @@
 //!   orchestrator is not running.
 //! - `POST /api/resume`: the orchestrator's [`resume`](Orchestrator::resume),
 //!   which ends a quota pause; 200 with the pause that was lifted
-//!   ([`Resumed`], `lifted_until` null when there was none), 503 when the
+//!   ([`Resumed`](claude_flow_core::api::Resumed), `lifted_until` null when there was none), 503 when the
 //!   orchestrator is not running.
 //! - `POST /webhook`: GitHub's webhook, when `github.webhook_secret` is set
 //!   (404 otherwise). The `X-Hub-Signature-256` HMAC is checked over the raw
