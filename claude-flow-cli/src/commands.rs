@@ -428,6 +428,12 @@ async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Failure
         println!("url:        {}", r.issue.html_url);
     }
     println!("pr:         {}", r.pr_url.as_deref().unwrap_or("-"));
+    if r.edited_since_approval {
+        println!(
+            "text:       changed at the source after approval; this round works on the \
+             approved text (apply the trigger label again to approve the new one)"
+        );
+    }
     if let Some(t) = r.next_retry_at {
         println!("next retry: {}", rfc3339(t));
     }

@@ -153,6 +153,10 @@ pub struct Reports {
     /// The latest state of the round the source was brought to.
     #[serde(default)]
     pub shown: Option<Shown>,
+    /// Whether the source was told that the issue's text changed after
+    /// approval (with the last state shown).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub edit_shown: bool,
     /// Whatever the source wants to remember about its reports (for
     /// example the id of its status comment). Opaque to everyone else.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -209,8 +213,14 @@ impl ServiceState {
 /// Everything the service knows about one issue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssueRecord {
-    /// The issue as the source last described it.
+    /// The issue: its title and body as approved for this round (as the
+    /// service first saw them with the trigger), its other fields as the
+    /// source last described them.
     pub issue: Issue,
+    /// The title or body changed at the source after this round's text
+    /// was approved; the round goes on with the approved text.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub edited_since_approval: bool,
     /// Where it stands.
     pub status: IssueStatus,
     /// 1 for the first trigger, +1 each time the trigger is applied again
@@ -241,6 +251,7 @@ impl IssueRecord {
     pub fn new(issue: Issue) -> Self {
         Self {
             issue,
+            edited_since_approval: false,
             status: IssueStatus::Queued,
             round: 1,
             attempts: Vec::new(),
@@ -335,13 +346,29 @@ impl IssueRecord {
     /// Whether the source shows an older state than [`wanted_shown`](Self::wanted_shown).
     pub fn report_owed(&self) -> bool {
         let wanted = self.wanted_shown();
-        wanted.is_some() && wanted != self.reports.shown(self.status)
+        wanted.is_some()
+            && (wanted != self.reports.shown(self.status)
+                || self.edited_since_approval != self.reports.edit_shown)
+    }
+
+    /// Takes what the source now says of the issue: a new title or body is
+    /// not taken (this round works on the approved text) but noted; the
+    /// rest (labels, URL) is. Returns whether the record changed.
+    pub fn refresh(&mut self, mut current: Issue) -> bool {
+        let edited = current.title != self.issue.title || current.body != self.issue.body;
+        current.title.clone_from(&self.issue.title);
+        current.body.clone_from(&self.issue.body);
+        let changed = current != self.issue || edited != self.edited_since_approval;
+        self.issue = current;
+        self.edited_since_approval = edited;
+        changed
     }
 
     /// Starts a new round: the issue is queued again with a fresh retry
     /// budget and nothing reported yet. History is kept.
     pub fn start_new_round(&mut self) {
         self.round += 1;
+        self.edited_since_approval = false;
         self.status = IssueStatus::Queued;
         self.pr_url = None;
         self.next_retry_at = None;

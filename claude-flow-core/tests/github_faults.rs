@@ -298,6 +298,7 @@ async fn an_idempotent_write_is_retried_after_a_dropped_connection() {
         .mount(&gh.server)
         .await;
     let start = Report::Started(StartReport {
+        edited_since_approval: false,
         round: 1,
         attempt: 2,
         failures: 1,
@@ -360,6 +361,7 @@ async fn posting_a_comment_is_never_repeated_blindly() {
         .memo
         .insert("github.labels_started".into(), "1".into());
     let start = Report::Started(StartReport {
+        edited_since_approval: false,
         round: 1,
         attempt: 1,
         failures: 0,

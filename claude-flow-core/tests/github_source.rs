@@ -413,6 +413,7 @@ fn ready_issue(n: u64, event_id: u64) -> Issue {
 
 fn started(round: u32, attempt: u32, failures: u32) -> Report {
     Report::Started(StartReport {
+        edited_since_approval: false,
         round,
         attempt,
         failures,
@@ -422,6 +423,7 @@ fn started(round: u32, attempt: u32, failures: u32) -> Report {
 
 fn succeeded(round: u32, attempt: u32) -> Report {
     Report::Succeeded(SuccessReport {
+        edited_since_approval: false,
         round,
         pr_url: Some("https://github.com/acme/widgets/pull/88".into()),
         attempt,
@@ -430,6 +432,7 @@ fn succeeded(round: u32, attempt: u32) -> Report {
 
 fn failed(round: u32, attempts: u32) -> Report {
     Report::Failed(FailureReport {
+        edited_since_approval: false,
         round,
         reason: "exit code 2".into(),
         log_tail: format!("cloning with {TOKEN}\nerror: tests failed"),

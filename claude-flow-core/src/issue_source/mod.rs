@@ -37,6 +37,9 @@ pub struct StartReport {
     pub failures: u32,
     /// The retry budget.
     pub max_attempts: u32,
+    /// The title or body changed after this round's text was
+    /// approved (the round works on the approved text).
+    pub edited_since_approval: bool,
 }
 
 /// What a source is told when a round succeeds.
@@ -48,6 +51,8 @@ pub struct SuccessReport {
     pub pr_url: Option<String>,
     /// Which attempt of the round succeeded.
     pub attempt: u32,
+    /// The text changed after approval (see [`StartReport`]).
+    pub edited_since_approval: bool,
 }
 
 /// What a source is told when a round ends in failure.
@@ -61,6 +66,8 @@ pub struct FailureReport {
     pub log_tail: String,
     /// How many attempts were made this round.
     pub attempts: u32,
+    /// The text changed after approval (see [`StartReport`]).
+    pub edited_since_approval: bool,
 }
 
 /// What a source is told when a round is cancelled (by an operator, or

@@ -264,7 +264,7 @@ impl Engine {
         // `run_once` works on what its first poll found; later polls only
         // say what stopped being eligible.
         let admit = self.once_set.is_none();
-        if let Err(e) = self.apply_poll(issues, admit).await {
+        if let Err(e) = self.apply_poll(issues, admit, reporter).await {
             self.fail(e.into());
             return;
         }
@@ -296,13 +296,15 @@ impl Engine {
         self.publish(reporter, |_| {});
     }
 
-    async fn apply_poll(&mut self, issues: Vec<Issue>, admit: bool) -> Result<(), StoreError> {
+    async fn apply_poll(
+        &mut self,
+        issues: Vec<Issue>,
+        admit: bool,
+        reporter: &Reporter,
+    ) -> Result<(), StoreError> {
         let mut changed = Vec::new();
         for issue in issues {
             let key = issue.key.clone();
-            if self.running.contains_key(&key) {
-                continue;
-            }
             match self.records.get_mut(&key) {
                 None if admit => {
                     tracing::info!(issue = %key, title = %issue.title, "new issue");
@@ -314,22 +316,29 @@ impl Engine {
                         && admit
                         && record.issue.trigger != issue.trigger =>
                 {
+                    // Applying the trigger again approves the current text.
                     tracing::info!(issue = %key, round = record.round + 1, "triggered again: new round");
                     record.issue = issue;
                     record.start_new_round();
                     changed.push(record.clone());
                 }
-                Some(record) if !record.status.is_settled() && record.issue != issue => {
-                    record.issue = issue;
-                    record.updated_at = SystemTime::now();
-                    changed.push(record.clone());
+                Some(record) if !record.status.is_settled() => {
+                    let was_edited = record.edited_since_approval;
+                    if record.refresh(issue) {
+                        if record.edited_since_approval && !was_edited {
+                            tracing::warn!(issue = %key, "the title or body changed after approval: this round goes on with the approved text (apply the trigger label again to approve the new text)");
+                        }
+                        changed.push(record.clone());
+                    }
                 }
                 Some(_) => {}
             }
         }
         put_all(&self.shared.store, &changed).await?;
         for record in changed {
+            let key = record.key().clone();
             self.set_record(record);
+            self.want_report(&key, reporter);
         }
         Ok(())
     }
@@ -449,13 +458,17 @@ impl Engine {
                 return;
             }
         };
-        // Reports that went through while the attempt ran are newer than
-        // the attempt's copy.
+        // Reports that went through and polls that came in while the
+        // attempt ran are newer than the attempt's copy.
         if let Some(current) = self.records.get(&key)
             && current.round == record.round
-            && current.reports != record.reports
+            && (current.reports != record.reports
+                || current.issue != record.issue
+                || current.edited_since_approval != record.edited_since_approval)
         {
             record.reports = current.reports.clone();
+            record.issue = current.issue.clone();
+            record.edited_since_approval = current.edited_since_approval;
             if let Err(e) = self.shared.store.put_relaxed(&record).await {
                 self.fail(e.into());
             }
@@ -566,11 +579,13 @@ impl Engine {
                 attempt,
                 failures: record.failures_this_round(),
                 max_attempts: settings.max_attempts,
+                edited_since_approval: record.edited_since_approval,
             }),
             Shown::Succeeded => Report::Succeeded(SuccessReport {
                 round,
                 pr_url: record.pr_url.clone(),
                 attempt: record.last_attempt().map_or(0, |a| a.number),
+                edited_since_approval: record.edited_since_approval,
             }),
             Shown::Failed => Report::Failed(FailureReport {
                 round,
@@ -581,6 +596,7 @@ impl Engine {
                     .count()
                     .try_into()
                     .unwrap_or(u32::MAX),
+                edited_since_approval: record.edited_since_approval,
             }),
             Shown::Cancelled => Report::Cancelled(CancelReport {
                 round,
@@ -595,6 +611,7 @@ impl Engine {
             issue: record.issue.clone(),
             report,
             shown,
+            edited: record.edited_since_approval,
             reports: record.reports.clone(),
             log_path: record.last_attempt().and_then(|a| a.log_path.clone()),
         });

@@ -41,6 +41,8 @@ pub(super) struct Want {
     pub(super) issue: Issue,
     pub(super) report: Report,
     pub(super) shown: Shown,
+    /// Whether the report notes that the text changed after approval.
+    pub(super) edited: bool,
     pub(super) reports: Reports,
     /// For a failure report: the log whose last lines it quotes, read
     /// only when the report is made.
@@ -257,13 +259,16 @@ impl Worker {
             return;
         };
         let same_round = entry.want.report.round() == want.report.round();
-        let superseded = entry.want.report != want.report || entry.want.shown != want.shown;
+        let superseded = entry.want.report != want.report
+            || entry.want.shown != want.shown
+            || entry.want.edited != want.edited;
         let ok = result.is_ok();
         metrics::counter!("claude_flow_reports_total", "result" => if ok { "ok" } else { "error" })
             .increment(1);
         match result {
             Ok(()) => {
                 reports.shown = Some(want.shown);
+                reports.edit_shown = want.edited;
                 let _ = self.delivered.send(Delivered {
                     key: key.clone(),
                     round: want.report.round(),

@@ -23,6 +23,17 @@ pub(crate) fn marker(trigger: &str, round: u32) -> String {
     format!("<!-- claude-flow:status trigger={trigger} round={round} -->")
 }
 
+/// What a comment says when the issue's text changed after approval.
+pub(crate) const EDITED_NOTE: &str = "The title or body of this issue changed after the trigger label was applied; this round works on the text as it was then. Remove the trigger label and apply it again to approve the new text.";
+
+fn note_edit(mut text: String, edited: bool) -> String {
+    if edited {
+        text.push_str("\n\n");
+        text.push_str(EDITED_NOTE);
+    }
+    text
+}
+
 /// Attempt numbers as the CLI shows them (`CLAUDE_FLOW_ROUND`,
 /// `CLAUDE_FLOW_ATTEMPT`), and the failures counted against
 /// `service.max_attempts` (an interrupted attempt is numbered but does
@@ -39,15 +50,16 @@ pub(crate) fn started(trigger: &str, start: &StartReport) -> String {
     if start.failures > 0 {
         text.push_str(" Trying again.");
     }
-    text
+    note_edit(text, start.edited_since_approval)
 }
 
 pub(crate) fn succeeded(trigger: &str, success: &SuccessReport) -> String {
     let marker = marker(trigger, success.round);
-    match &success.pr_url {
+    let text = match &success.pr_url {
         Some(url) => format!("{marker}\n**claude-flow** finished: pull request {url}"),
         None => format!("{marker}\n**claude-flow** finished without opening a pull request."),
-    }
+    };
+    note_edit(text, success.edited_since_approval)
 }
 
 pub(crate) fn cancelled(trigger: &str, cancel: &CancelReport, token: &Secret) -> String {
@@ -78,7 +90,7 @@ pub(crate) fn failed(trigger: &str, failure: &FailureReport, token: &Secret) -> 
         ));
     }
     text.push_str("\n\nRemove the trigger label and apply it again to start a new round.");
-    text
+    note_edit(text, failure.edited_since_approval)
 }
 
 /// The token, and anything else shaped like a GitHub token (a workflow
@@ -124,6 +136,7 @@ mod tests {
     fn failure_comments_redact_tokens_and_fence_the_log() {
         let token = Secret::new("s3cr3t-token-value");
         let failure = FailureReport {
+            edited_since_approval: false,
             round: 2,
             reason: "exit code 1".into(),
             log_tail:
@@ -144,6 +157,7 @@ mod tests {
     fn start_comments_use_the_clis_numbers() {
         // Attempt 3 of round 2, after one failure and one interruption.
         let start = StartReport {
+            edited_since_approval: false,
             round: 2,
             attempt: 3,
             failures: 1,
@@ -177,6 +191,28 @@ mod tests {
         assert!(text.contains("cancelled round 4"), "{text}");
         assert!(text.contains("cancelled by an operator"), "{text}");
         assert!(!text.contains("s3cr3t"), "{text}");
+    }
+
+    #[test]
+    fn comments_say_when_the_text_changed_after_approval() {
+        let mut start = StartReport {
+            edited_since_approval: false,
+            round: 2,
+            attempt: 1,
+            failures: 0,
+            max_attempts: 3,
+        };
+        assert!(!started("labeled:9", &start).contains("changed after"));
+        start.edited_since_approval = true;
+        let text = started("labeled:9", &start);
+        assert!(text.ends_with(EDITED_NOTE), "{text}");
+        let success = SuccessReport {
+            edited_since_approval: true,
+            round: 2,
+            pr_url: None,
+            attempt: 1,
+        };
+        assert!(succeeded("labeled:9", &success).ends_with(EDITED_NOTE));
     }
 
     #[test]

@@ -46,7 +46,9 @@ impl IssueChange {
         let is_trigger = |l: &str| l.eq_ignore_ascii_case(trigger_label);
         match self.action.as_str() {
             "labeled" | "unlabeled" => self.label.as_deref().is_some_and(is_trigger),
-            "closed" | "reopened" | "deleted" | "transferred" => {
+            // An edit does not reach a round's workflow (it works on the
+            // approved text), but its status comment says so: poll now.
+            "closed" | "reopened" | "deleted" | "transferred" | "edited" => {
                 self.labels.iter().any(|l| is_trigger(l))
             }
             _ => false,
@@ -134,7 +136,10 @@ mod tests {
         assert!(!change("labeled", Some("bug"), &["bug", "claude-flow"]).concerns("claude-flow"));
         assert!(change("closed", None, &["claude-flow"]).concerns("claude-flow"));
         assert!(!change("closed", None, &["bug"]).concerns("claude-flow"));
-        assert!(!change("edited", None, &["claude-flow"]).concerns("claude-flow"));
+        // An edit of a triggered issue is polled (the round keeps its
+        // approved text; the status comment notes the edit).
+        assert!(change("edited", None, &["claude-flow"]).concerns("claude-flow"));
+        assert!(!change("edited", None, &["bug"]).concerns("claude-flow"));
     }
 
     #[test]
