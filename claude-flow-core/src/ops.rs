@@ -61,6 +61,8 @@ pub async fn cancel(store: &dyn StateStore, key: &IssueKey) -> Result<IssueRecor
         _ => {
             record.status = IssueStatus::Cancelled;
             record.next_retry_at = None;
+            // The cancel report on the issue gives this reason.
+            record.last_error = Some("cancelled by an operator".into());
             record.updated_at = SystemTime::now();
         }
     }

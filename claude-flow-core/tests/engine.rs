@@ -808,3 +808,37 @@ async fn a_round_runs_on_the_approved_text_after_edits_and_restarts() {
         ]
     );
 }
+
+#[tokio::test]
+async fn an_operator_cancel_of_a_waiting_issue_is_reported_too() {
+    let source = Arc::new(MemorySource::new([issue(1)]));
+    let store = Arc::new(MemoryStore::new());
+    let orchestrator = build(
+        source.clone(),
+        FnRunner::new(|_job, _cancel| async { Ok(exit(1)) }),
+        store.clone(),
+        Settings {
+            retry_backoff: Duration::from_secs(3600),
+            retry_backoff_max: Duration::from_secs(3600),
+            ..settings()
+        },
+    );
+    let (shutdown, task) = run(&orchestrator);
+    wait_record(&store, &key(1), "a retry to be scheduled", |r| {
+        r.status == IssueStatus::Retrying
+    })
+    .await;
+    orchestrator.cancel(&key(1)).await.unwrap();
+    wait_record(&store, &key(1), "the cancel report", |r| {
+        r.reports.shown == Some(Shown::Cancelled)
+    })
+    .await;
+    let sent = reports_of(&source, 1);
+    assert_eq!(
+        sent.last().map(String::as_str),
+        Some("cancelled r1: cancelled by an operator"),
+        "{sent:?}"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -185,7 +185,7 @@ impl Engine {
         let settings = self.settings.borrow().clone();
         let now = SystemTime::now();
         self.service = self.shared.store.load_service().await?;
-        let paused = pause::still_paused(self.service.paused_until, &settings, now);
+        let paused = self.service.pause_at(now, settings.max_pause);
         if paused != self.service.paused_until {
             // Saved cut, so that restarts cannot push a long pause out
             // again and again from their own start.
@@ -392,7 +392,7 @@ impl Engine {
         let Some(until) = self.service.paused_until else {
             return false;
         };
-        match pause::still_paused(Some(until), settings, SystemTime::now()) {
+        match self.service.pause_at(SystemTime::now(), settings.max_pause) {
             Some(cut) if cut < until => {
                 tracing::info!(until = %humantime::format_rfc3339_seconds(cut), "the quota pause is cut to service.max_pause");
                 self.service.paused_until = Some(cut);

@@ -25,18 +25,6 @@ pub(super) fn pause_end(
     now + wanted.max(floor).min(settings.max_pause)
 }
 
-/// A pause's end, cut to `max_pause` from now (the setting may have been
-/// lowered since it was recorded); `None` once it is over.
-pub(super) fn still_paused(
-    until: Option<SystemTime>,
-    settings: &Settings,
-    now: SystemTime,
-) -> Option<SystemTime> {
-    until
-        .filter(|t| *t > now)
-        .map(|t| t.min(now + settings.max_pause))
-}
-
 /// `d` to the second, as people read it.
 pub(super) fn human(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
@@ -70,18 +58,5 @@ mod tests {
         // A marker years away: max_pause.
         let far = now + Duration::from_secs(10 * 365 * 86400);
         assert_eq!(secs(pause_end(&s, 1, far, now)), 3600);
-    }
-
-    #[test]
-    fn a_recorded_pause_is_cut_to_max_pause_and_ends() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let s = settings();
-        let far = now + Duration::from_secs(86400);
-        assert_eq!(
-            still_paused(Some(far), &s, now),
-            Some(now + Duration::from_secs(3600))
-        );
-        assert_eq!(still_paused(Some(now), &s, now), None);
-        assert_eq!(still_paused(None, &s, now), None);
     }
 }
