@@ -235,3 +235,108 @@ echo "upstream fix: https://github.com/other/library/pull/9""#,
             .unwrap();
     assert!(log.contains("working on acme/widgets#7"), "{log}");
 }
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                todo.push(entry.path());
+            } else if kind.is_file() {
+                out.push(entry.path());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_reaches_no_log_file_comment_output_or_workflow() {
+    let server = fake_github().await;
+    let f = Fixture::new();
+    f.config(json!({
+        "source": "github",
+        "github": {"api_url": server.uri(), "repos": ["acme/widgets"]},
+        "workflow": {"pass_token": false},
+        "service": {"max_attempts": 1},
+        "log": {"level": "trace"}
+    }));
+    // The workflow shows everything it was given, then fails, so that the
+    // failure comment quotes its log.
+    f.workflow(
+        r#"env > "$CLAUDE_FLOW_WORKSPACE/env.txt"
+cat "$CLAUDE_FLOW_ISSUE_JSON_FILE"
+env
+exit 1"#,
+    );
+    let mut cli = f.cli_process(&["run", "--once"]);
+    cli.env("CLAUDE_FLOW_GITHUB__TOKEN", TOKEN);
+    let out = tokio::task::spawn_blocking(move || cli.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run --once failed: {stderr}");
+    assert!(
+        f.path("state/workspaces/acme__widgets/issue-7/env.txt")
+            .is_file(),
+        "the workflow did not run"
+    );
+    let mut leaks = Vec::new();
+    for (what, text) in [
+        ("stdout", String::from_utf8_lossy(&out.stdout).into_owned()),
+        ("stderr (trace log)", stderr.into_owned()),
+    ] {
+        if text.contains(TOKEN) {
+            leaks.push(what.to_owned());
+        }
+    }
+    // Everything the service and its workflow wrote: state, logs, issue
+    // files, the workflow's view of its environment.
+    for file in files_under(&f.path("")) {
+        let bytes = std::fs::read(&file).unwrap();
+        if String::from_utf8_lossy(&bytes).contains(TOKEN) {
+            leaks.push(file.display().to_string());
+        }
+    }
+    // Everything sent to GitHub but the Authorization header.
+    let requests = server.received_requests().await.unwrap();
+    assert!(
+        requests.iter().any(|r| r.method.as_str() == "PATCH"
+            || r.url.path().ends_with("/comments") && r.method.as_str() == "POST"),
+        "no status comment was written"
+    );
+    for r in &requests {
+        if String::from_utf8_lossy(&r.body).contains(TOKEN) || r.url.as_str().contains(TOKEN) {
+            leaks.push(format!("{} {}", r.method, r.url.path()));
+        }
+    }
+    // `config show` and a configuration error name the key, not the value.
+    let show = f
+        .cli()
+        .args(["config", "show"])
+        .env("CLAUDE_FLOW_GITHUB__TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&show.stdout).contains(TOKEN)
+        || String::from_utf8_lossy(&show.stderr).contains(TOKEN)
+    {
+        leaks.push("config show".into());
+    }
+    let bad = f
+        .cli()
+        .args(["config", "check"])
+        .env("CLAUDE_FLOW_GITHUB__TOKEN", TOKEN)
+        .env("CLAUDE_FLOW_SERVICE__MAX_CONCURRENT", "many")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    if String::from_utf8_lossy(&bad.stderr).contains(TOKEN) {
+        leaks.push("a configuration error".into());
+    }
+    assert!(leaks.is_empty(), "the token leaked into: {leaks:?}");
+}
