@@ -87,6 +87,7 @@ fn a_missing_issue_directory_is_named() {
 #[test]
 fn check_and_show_accept_a_good_configuration_and_hide_secrets() {
     let f = Fixture::new();
+    f.workflow("echo hi");
     f.config(json!({"github": {"token": "ghp_file_secret"}}));
     f.cli()
         .args(["config", "check"])
@@ -140,4 +141,40 @@ fn completions_are_printed_for_each_shell() {
             .success()
             .stdout(contains("claude-flow"));
     }
+}
+
+#[test]
+fn a_workflow_that_cannot_start_is_a_configuration_error_saying_what_to_do() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    f.config(json!({}));
+    // Missing.
+    assert_78(&f, "workflow.command: ");
+    // Not executable.
+    f.workflow("echo hi");
+    let wf = f.path("wf.sh");
+    std::fs::set_permissions(&wf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_78(&f, &format!("chmod +x {}", wf.display()));
+    // Saved with CRLF line endings.
+    std::fs::write(&wf, "#!/usr/bin/env bash\r\necho hi\r\n").unwrap();
+    std::fs::set_permissions(&wf, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_78(&f, "CRLF");
+    // An interpreter that does not exist.
+    std::fs::write(&wf, "#!/opt/nowhere/bash\necho hi\n").unwrap();
+    assert_78(&f, "/opt/nowhere/bash");
+    // A bare name not on PATH.
+    f.config(json!({"workflow": {"command": ["claude-flow-no-such-workflow"]}}));
+    assert_78(&f, "not found on PATH");
+}
+
+#[test]
+fn a_misspelt_log_level_and_a_backoff_cap_below_its_base_are_refused() {
+    let f = Fixture::new();
+    f.workflow("echo hi");
+    f.config(json!({"log": {"level": "inof"}}));
+    assert_78(&f, "log.level: \"inof\" is not a level");
+    f.config(json!({"log": {"level": "info,claude_flow_core=debug"}}));
+    f.cli().args(["config", "check"]).assert().success();
+    f.config(json!({"service": {"retry_backoff": "10m", "retry_backoff_max": "1m"}}));
+    assert_78(&f, "service.retry_backoff_max");
 }

@@ -11,8 +11,15 @@ use crate::orchestrator::{Orchestrator, Settings};
 use crate::runner::{SubprocessRunner, SubprocessSettings};
 use crate::state::FileStore;
 
-/// The subprocess runner's settings from `workflow.*` and `service.*`.
+/// The subprocess runner's settings from `workflow.*` and `service.*`,
+/// once the workflow program is known to start (found, executable, its
+/// `#!` interpreter too): the same check `config check`, both binaries'
+/// start and a reload make, so that a broken program is a configuration
+/// error naming `workflow.command` rather than a failed attempt per issue.
 pub fn subprocess_settings(config: &Config) -> Result<SubprocessSettings, Error> {
+    let program = config.workflow.command.first().cloned().unwrap_or_default();
+    crate::runner::check_program(&program)
+        .map_err(|reason| crate::error::ConfigError::key("workflow.command", reason))?;
     let token = if config.workflow.pass_token {
         config.github_token()?
     } else {

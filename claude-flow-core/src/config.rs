@@ -499,6 +499,30 @@ impl Config {
                 ),
             ));
         }
+        if self.service.retry_backoff_max < self.service.retry_backoff {
+            return Err(ConfigError::key(
+                "service.retry_backoff_max",
+                format!(
+                    "{} is shorter than service.retry_backoff ({}); the cap must be at least the base",
+                    humantime::format_duration(self.service.retry_backoff_max),
+                    humantime::format_duration(self.service.retry_backoff)
+                ),
+            ));
+        }
+        // A bare word is a target name to tracing, so a misspelt level
+        // ("inof") would silently hide every line: only levels may be bare.
+        let level = self.log.level.trim();
+        let bare = !level.contains(['=', ',', ':', '[']);
+        const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+        if bare && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+            return Err(ConfigError::key(
+                "log.level",
+                format!(
+                    "{level:?} is not a level: use error, warn, info, debug or trace, or a \
+                     filter directive such as \"info,claude_flow_core=debug\""
+                ),
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::key(
                 "log.level",

@@ -78,6 +78,15 @@ pub enum RunnerError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The workflow program cannot be started at all (missing, not
+    /// executable, its interpreter missing): found before trying.
+    #[error("cannot start workflow {program:?}: {reason}")]
+    Unavailable {
+        /// The program (argv\[0\]).
+        program: String,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// Preparing the attempt (workspace, log file, issue files) failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -92,11 +101,18 @@ pub enum RunnerError {
 }
 
 impl RunnerError {
+    /// Whether the workflow never started (so no attempt was used): the
+    /// program could not be started at all.
+    pub fn never_started(&self) -> bool {
+        matches!(self, Self::Spawn { .. } | Self::Unavailable { .. })
+    }
+
     /// Whether a later attempt may get further. A missing program stays
     /// missing, but the orchestrator's retry budget bounds that anyway.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Spawn { source, .. } => source.kind() != std::io::ErrorKind::NotFound,
+            Self::Unavailable { .. } => false,
             Self::Io { .. } | Self::Other(_) => true,
         }
     }

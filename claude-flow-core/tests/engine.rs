@@ -842,3 +842,87 @@ async fn an_operator_cancel_of_a_waiting_issue_is_reported_too() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// A runner whose program can be made to disappear.
+struct Vanishing {
+    present: std::sync::atomic::AtomicBool,
+    runs: AtomicUsize,
+}
+
+#[async_trait]
+impl claude_flow_core::WorkflowRunner for Vanishing {
+    async fn preflight(&self) -> Result<(), claude_flow_core::RunnerError> {
+        if self.present.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(claude_flow_core::RunnerError::Unavailable {
+                program: "/opt/flow/workflow.sh".into(),
+                reason: "/opt/flow/workflow.sh does not exist".into(),
+            })
+        }
+    }
+    async fn run(
+        &self,
+        _job: &WorkflowJob,
+        _cancel: CancellationToken,
+    ) -> Result<RunOutcome, claude_flow_core::RunnerError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(exit(0))
+    }
+}
+
+#[tokio::test]
+async fn a_workflow_that_cannot_start_uses_no_attempt_and_says_nothing_on_the_issue() {
+    let source = Arc::new(MemorySource::new([issue(1)]));
+    let store = Arc::new(MemoryStore::new());
+    let runner = Arc::new(Vanishing {
+        present: std::sync::atomic::AtomicBool::new(false),
+        runs: AtomicUsize::new(0),
+    });
+    let orchestrator = Arc::new(
+        Orchestrator::builder()
+            .source(source.clone())
+            .runner(runner.clone())
+            .store(store.clone())
+            .settings(Settings {
+                retry_backoff: Duration::from_millis(200),
+                ..settings()
+            })
+            .build()
+            .unwrap(),
+    );
+    let (shutdown, task) = run(&orchestrator);
+    let mut watch = orchestrator.subscribe_status();
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        watch.wait_for(|s| s.workflow_unavailable.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    assert!(
+        status
+            .workflow_unavailable
+            .as_deref()
+            .is_some_and(|r| r.contains("/opt/flow/workflow.sh")),
+        "{status:?}"
+    );
+    let record = store.get(&key(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (record.status, record.attempts.len()),
+        (IssueStatus::Queued, 0)
+    );
+    assert!(source.reports().is_empty(), "{:?}", source.reports());
+    // The program is back: checked again after retry_backoff, it runs.
+    runner.present.store(true, Ordering::SeqCst);
+    let record = wait_record(&store, &key(1), "the issue to run", |r| {
+        r.status == IssueStatus::Done
+    })
+    .await;
+    assert_eq!(record.attempts.len(), 1);
+    assert_eq!(runner.runs.load(Ordering::SeqCst), 1);
+    assert!(orchestrator.status().workflow_unavailable.is_none());
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -57,6 +57,15 @@ pub(super) fn begin(record: &mut IssueRecord, now: SystemTime) {
     record.updated_at = now;
 }
 
+/// How an attempt task ended.
+pub(super) struct Finished {
+    /// The record as the attempt left it, durable.
+    pub(super) record: IssueRecord,
+    /// Set when the workflow could not be started at all: the attempt was
+    /// taken back (no attempt used) and the issue is queued again.
+    pub(super) unstartable: Option<String>,
+}
+
 /// Runs the attempt that [`begin`] added: durable before the workflow
 /// starts (a crash from there on is an interrupted attempt, never a lost
 /// one), its outcome durable before the loop hears of it.
@@ -66,7 +75,7 @@ pub(super) async fn run(
     mut record: IssueRecord,
     cancel: CancellationToken,
     reason: Arc<OnceLock<StopReason>>,
-) -> Result<IssueRecord, Error> {
+) -> Result<Finished, Error> {
     let Some(attempt) = record.attempts.last().cloned() else {
         return Err(Error::Other("attempt task without an attempt".into()));
     };
@@ -79,9 +88,28 @@ pub(super) async fn run(
         run_id: attempt.run_id.clone(),
     };
     let result = shared.runner().run(&job, cancel).await;
+    if let Err(e) = &result
+        && e.never_started()
+    {
+        // Not an attempt: the program is missing or cannot be executed,
+        // which no retry of this issue can fix; the loop holds all starts
+        // until the program is back.
+        tracing::error!(error = %e, "the workflow cannot be started; no attempt is used");
+        record.attempts.pop();
+        record.status = IssueStatus::Queued;
+        record.updated_at = SystemTime::now();
+        shared.store.put(&record).await?;
+        return Ok(Finished {
+            record,
+            unstartable: Some(e.to_string()),
+        });
+    }
     apply_outcome(&mut record, &settings, result, reason.get().copied());
     shared.store.put(&record).await?;
-    Ok(record)
+    Ok(Finished {
+        record,
+        unstartable: None,
+    })
 }
 
 fn apply_outcome(

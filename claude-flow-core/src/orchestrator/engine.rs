@@ -46,7 +46,7 @@ impl Running {
     }
 }
 
-type AttemptDone = (IssueKey, Result<IssueRecord, Error>);
+type AttemptDone = (IssueKey, Result<attempt::Finished, Error>);
 
 pub(super) struct Engine {
     shared: Arc<Shared>,
@@ -67,6 +67,8 @@ pub(super) struct Engine {
     once_set: Option<HashSet<IssueKey>>,
     attempts: JoinSet<AttemptDone>,
     service: ServiceState,
+    /// The workflow cannot be started (why), and when to look again.
+    workflow_unavailable: Option<(String, SystemTime)>,
     summary: Summary,
     /// The first fatal error; the loop stops as if shut down.
     failure: Option<Error>,
@@ -98,6 +100,7 @@ impl Engine {
             once_set: None,
             attempts: JoinSet::new(),
             service: ServiceState::default(),
+            workflow_unavailable: None,
             summary: Summary::default(),
             failure: None,
         }
@@ -371,7 +374,33 @@ impl Engine {
         if !self.polled || self.paused(settings, reporter).await {
             return;
         }
-        self.schedule.promote_due(SystemTime::now());
+        let now = SystemTime::now();
+        self.schedule.promote_due(now);
+        if self.running.len() >= settings.max_concurrent as usize || self.schedule.ready_len() == 0
+        {
+            return;
+        }
+        if self
+            .workflow_unavailable
+            .as_ref()
+            .is_some_and(|(_, retry_at)| now < *retry_at)
+        {
+            return;
+        }
+        // Checked before each batch of starts, so that a missing program
+        // costs no attempt and says nothing on the issues.
+        match self.shared.runner().preflight().await {
+            Ok(()) => {
+                if self.workflow_unavailable.take().is_some() {
+                    tracing::info!("the workflow can be started again");
+                    self.publish(reporter, |_| {});
+                }
+            }
+            Err(e) => {
+                self.unavailable(e.to_string(), settings, reporter);
+                return;
+            }
+        }
         while self.running.len() < settings.max_concurrent as usize {
             let Some(key) = self.schedule.pop_ready() else {
                 break;
@@ -384,6 +413,17 @@ impl Engine {
             }
             self.start(key, settings, reporter);
         }
+    }
+
+    /// The workflow cannot be started: nothing starts (and no attempt is
+    /// used) until it is checked again after `retry_backoff`.
+    fn unavailable(&mut self, reason: String, settings: &Settings, reporter: &Reporter) {
+        let retry_at = SystemTime::now() + settings.retry_backoff;
+        if self.workflow_unavailable.as_ref().map(|(r, _)| r) != Some(&reason) {
+            tracing::error!(%reason, retry_in = %human(settings.retry_backoff), "the workflow cannot be started: no workflow starts until it can (no attempt is used)");
+        }
+        self.workflow_unavailable = Some((reason, retry_at));
+        self.publish(reporter, |_| {});
     }
 
     /// Whether a quota pause holds starts back; ends one that is over, and
@@ -446,13 +486,18 @@ impl Engine {
     async fn finished(
         &mut self,
         key: IssueKey,
-        result: Result<IssueRecord, Error>,
+        result: Result<attempt::Finished, Error>,
         settings: &Settings,
         reporter: &Reporter,
     ) {
         self.running.remove(&key);
         let mut record = match result {
-            Ok(record) => record,
+            Ok(finished) => {
+                if let Some(reason) = finished.unstartable {
+                    self.unavailable(reason, settings, reporter);
+                }
+                finished.record
+            }
             Err(e) => {
                 self.fail(e);
                 return;
@@ -655,6 +700,7 @@ impl Engine {
             s.reports_owed = reports_owed;
             s.paused_until = self.service.paused_until;
             s.pause_reason = self.service.pause_reason.clone();
+            s.workflow_unavailable = self.workflow_unavailable.as_ref().map(|(r, _)| r.clone());
             change(s);
         });
     }
@@ -755,10 +801,20 @@ impl Engine {
             }
         } else if let Some(paused) = self.service.paused_until {
             wake = wake.min(until(paused));
-        } else if self.running.len() < settings.max_concurrent as usize
-            && let Some(due) = self.schedule.next_due()
-        {
-            wake = wake.min(until(due));
+        } else if self.polled && self.running.len() < settings.max_concurrent as usize {
+            // Something could start: a retry falling due, or ready issues
+            // held back by a workflow that cannot be started.
+            let next = if self.schedule.ready_len() > 0 {
+                Some(now_sys)
+            } else {
+                self.schedule.next_due()
+            };
+            if let Some(mut at) = next {
+                if let Some((_, retry_at)) = &self.workflow_unavailable {
+                    at = at.max(*retry_at);
+                }
+                wake = wake.min(until(at));
+            }
         }
         wake
     }

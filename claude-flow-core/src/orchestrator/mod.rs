@@ -226,6 +226,8 @@ pub struct Status {
     pub paused_until: Option<SystemTime>,
     /// Why the service is paused.
     pub pause_reason: Option<String>,
+    /// Why the workflow cannot be started (nothing starts until it can).
+    pub workflow_unavailable: Option<String>,
     /// A graceful stop is under way.
     pub stopping: bool,
     /// Counts the scheduler loop's turns; the loop turns at least once a

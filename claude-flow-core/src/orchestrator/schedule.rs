@@ -80,6 +80,11 @@ impl Schedule {
         self.waits.keys()
     }
 
+    /// Issues ready to start now.
+    pub(super) fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
     pub(super) fn len(&self) -> usize {
         self.waits.len()
     }

@@ -7,6 +7,7 @@
 
 mod closure;
 mod output;
+mod preflight;
 mod process;
 mod spawn;
 mod subprocess;
@@ -22,6 +23,7 @@ use crate::issue::Issue;
 
 pub use closure::FnRunner;
 pub use output::{WorkflowOutput, scan_output};
+pub use preflight::check_program;
 pub use subprocess::{SubprocessRunner, SubprocessSettings};
 
 /// One attempt to run the workflow for an issue.
@@ -87,6 +89,14 @@ pub trait WorkflowRunner: Send + Sync {
         job: &WorkflowJob,
         cancel: CancellationToken,
     ) -> Result<RunOutcome, RunnerError>;
+
+    /// Whether the workflow can be started at all (its program exists and
+    /// is executable, its interpreter too). The orchestrator asks before
+    /// starting attempts; while it fails, nothing starts and no attempt is
+    /// used. The default says yes, for runners that always can.
+    async fn preflight(&self) -> Result<(), RunnerError> {
+        Ok(())
+    }
 
     /// Stops anything still left of an attempt that a previous instance of
     /// the service started and did not see finish (it was killed). The

@@ -251,6 +251,13 @@ struct Prepared {
 
 #[async_trait]
 impl WorkflowRunner for SubprocessRunner {
+    async fn preflight(&self) -> Result<(), RunnerError> {
+        let program = self.settings.command.first().cloned().unwrap_or_default();
+        super::preflight::check_program(&program)
+            .map(drop)
+            .map_err(|reason| RunnerError::Unavailable { program, reason })
+    }
+
     async fn run(
         &self,
         job: &WorkflowJob,
