@@ -7,65 +7,24 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use super::spawn::{self, Exit, SpawnSpec};
-
-/// A running workflow, started without fork where the kernel allows it.
-#[derive(Debug)]
-pub(crate) enum Workflow {
-    /// Started by [`spawn::spawn`] (`clone(CLONE_VM | CLONE_VFORK)`).
-    Cloned(spawn::Child),
-    /// Started by fork with the death signal armed in `pre_exec`, where
-    /// clone is refused (some sandboxes' seccomp filters).
-    Forked(tokio::process::Child),
-}
-
-impl Workflow {
-    /// Its PID, which is also its process group's ID.
-    pub(crate) fn id(&self) -> Option<u32> {
-        match self {
-            Self::Cloned(child) => Some(child.id()),
-            Self::Forked(child) => child.id(),
-        }
-    }
-
-    /// Waits for the workflow to exit, then kills whatever it left running
-    /// in its process group.
-    pub(crate) async fn wait(&mut self, pgid: u32) -> io::Result<Exit> {
-        match self {
-            // The group is signalled while the leader is an unreaped
-            // zombie, so its ID cannot have been reused.
-            Self::Cloned(child) => child.wait(|| signal_group(pgid, Signal::SIGKILL)).await,
-            Self::Forked(child) => {
-                let status = child.wait().await?;
-                signal_group(pgid, Signal::SIGKILL);
-                Ok(match (status.code(), status.signal()) {
-                    (Some(code), _) => Exit::Code(code),
-                    (None, Some(signal)) => Exit::Signal(signal),
-                    (None, None) => Exit::Code(-1),
-                })
-            }
-        }
-    }
-}
+use super::spawn::{self, Child, Exit, SpawnSpec};
 
 /// Starts `program` (already resolved) in `cwd` with exactly `env`, its
 /// output to `output` and standard input from `/dev/null`, leading a new
 /// process group and receiving SIGKILL when the service dies, including
-/// by SIGKILL.
+/// by SIGKILL. Without fork where the kernel allows it.
 pub(crate) fn start(
     program: &Path,
     args: &[String],
     env: &[(OsString, OsString)],
     cwd: &Path,
     output: &File,
-) -> io::Result<Workflow> {
+) -> io::Result<Child> {
     let spec = SpawnSpec {
         program,
         args,
@@ -74,12 +33,11 @@ pub(crate) fn start(
         output: output.as_fd(),
     };
     match spawn::spawn(&spec) {
-        Ok(child) => Ok(Workflow::Cloned(child)),
         Err(e) if clone_refused(&e) => {
             tracing::debug!(error = %e, "clone refused; starting workflows with fork");
-            start_forked(&spec).map(Workflow::Forked)
+            spawn::spawn_forked(&spec)
         }
-        Err(e) => Err(e),
+        started => started,
     }
 }
 
@@ -90,39 +48,14 @@ fn clone_refused(e: &io::Error) -> bool {
     )
 }
 
-fn start_forked(spec: &SpawnSpec<'_>) -> io::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(spec.program);
-    cmd.args(spec.args)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(spec.cwd)
-        .stdin(Stdio::null())
-        .stdout(spec.output.try_clone_to_owned()?)
-        .stderr(spec.output.try_clone_to_owned()?)
-        .process_group(0)
-        .kill_on_drop(true);
-    arm_in_pre_exec(&mut cmd);
-    cmd.spawn()
-}
-
-fn arm_in_pre_exec(cmd: &mut tokio::process::Command) {
-    let parent = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes async-signal-safe system calls (prctl, getppid) and builds an
-    // io::Error from a raw errno, which does not allocate.
-    #[allow(unsafe_code)]
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-                .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
-            // The parent may have died between fork and prctl; then the
-            // signal will never come, so do not start at all.
-            if nix::unistd::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
+/// Waits for the workflow to exit, then kills whatever it left running
+/// in its process group.
+pub(crate) async fn wait(child: &mut Child) -> io::Result<Exit> {
+    child.exited().await?;
+    // The group is signalled while the leader is an unreaped zombie, so its
+    // ID cannot have been reused.
+    signal_group(child.id(), Signal::SIGKILL);
+    child.wait().await
 }
 
 /// Finds `program` as `execvp` would (a name without `/` is searched on
@@ -232,6 +165,8 @@ impl Drop for GroupGuard {
 
 #[cfg(test)]
 mod tests {
+    use nix::libc;
+
     use super::*;
 
     fn alive(pid: u32) -> bool {
@@ -262,11 +197,11 @@ mod tests {
                     output: log.as_fd(),
                 };
                 let workflow = if forked {
-                    Workflow::Forked(start_forked(&spec).unwrap())
+                    spawn::spawn_forked(&spec).unwrap()
                 } else {
-                    Workflow::Cloned(spawn::spawn(&spec).unwrap())
+                    spawn::spawn(&spec).unwrap()
                 };
-                let pid = workflow.id().unwrap();
+                let pid = workflow.id();
                 // Leak it: a killed service does not clean up either.
                 std::mem::forget(workflow);
                 pid
@@ -294,6 +229,88 @@ mod tests {
         dies_with_its_spawner(true);
     }
 
+    /// Runs `program args` with `spawn` or `spawn_forked` from a thread of
+    /// its own with `blocked` blocked, and returns its output.
+    fn output_of(forked: bool, blocked: i32, program: &str, args: &[&str]) -> String {
+        let program = resolve_program(program).unwrap();
+        let args: Vec<String> = args.iter().map(|&a| a.to_owned()).collect();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let output = log.reopen().unwrap();
+        std::thread::spawn(move || {
+            #[allow(unsafe_code)]
+            // SAFETY: a plain-data set initialised by sigemptyset, and a
+            // change to this thread's mask only.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, blocked);
+                assert_eq!(
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+                    0
+                );
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let spec = SpawnSpec {
+                    program: &program,
+                    args: &args,
+                    env: &[],
+                    cwd: Path::new("/"),
+                    output: output.as_fd(),
+                };
+                let mut child = if forked {
+                    spawn::spawn_forked(&spec).unwrap()
+                } else {
+                    spawn::spawn(&spec).unwrap()
+                };
+                assert_eq!(child.wait().await.unwrap(), Exit::Code(0));
+            });
+        })
+        .join()
+        .unwrap();
+        std::fs::read_to_string(log.path()).unwrap()
+    }
+
+    /// Both ways of starting a workflow, while the service holds a
+    /// descriptor without close-on-exec and has a real-time signal blocked
+    /// and another ignored. (`tests/workflow_inheritance.rs` checks the
+    /// same through the runner, in a process of its own.)
+    #[test]
+    fn neither_spawn_passes_on_descriptors_or_signal_state() {
+        let extra = nix::unistd::dup(std::io::stderr()).unwrap();
+        let (blocked, ignored) = (libc::SIGRTMIN() + 5, libc::SIGRTMIN() + 6);
+        #[allow(unsafe_code)]
+        // SAFETY: SIG_IGN installs no handler; no other test uses this
+        // real-time signal.
+        unsafe {
+            libc::signal(ignored, libc::SIG_IGN);
+        }
+        for forked in [false, true] {
+            // The shell's descriptors, listed by a child; `exit` keeps the
+            // shell from replacing itself with `ls`.
+            let fds = output_of(forked, blocked, "sh", &["-c", "ls /proc/$$/fd; exit 0"]);
+            assert_eq!(
+                fds.lines().collect::<Vec<_>>(),
+                ["0", "1", "2"],
+                "forked: {forked}"
+            );
+            // `cat` reads its own state, which it leaves as it found it.
+            let status = output_of(forked, blocked, "cat", &["/proc/self/status"]);
+            for field in ["SigBlk:", "SigIgn:"] {
+                assert!(
+                    status
+                        .lines()
+                        .any(|l| l.starts_with(field) && l.ends_with("0000000000000000")),
+                    "forked: {forked}\n{status}"
+                );
+            }
+        }
+        drop(extra);
+    }
+
     #[tokio::test]
     async fn exit_codes_signals_and_exec_errors_are_reported() {
         let sh = resolve_program("sh").unwrap();
@@ -304,19 +321,16 @@ mod tests {
             start(&sh, &args, &env, Path::new("/"), &log)
         };
         let mut w = run("exit 3").unwrap();
-        let pgid = w.id().unwrap();
-        assert_eq!(w.wait(pgid).await.unwrap(), Exit::Code(3));
+        assert_eq!(w.wait().await.unwrap(), Exit::Code(3));
         let mut w = run("kill -USR1 $$").unwrap();
-        let pgid = w.id().unwrap();
         assert_eq!(
-            w.wait(pgid).await.unwrap(),
+            w.wait().await.unwrap(),
             Exit::Signal(Signal::SIGUSR1 as i32)
         );
         let mut w =
             run("[ \"$X\" = 'from env' ] && [ -z \"$HOME\" ] && [ \"$(pwd)\" = / ]").unwrap();
-        let pgid = w.id().unwrap();
         assert_eq!(
-            w.wait(pgid).await.unwrap(),
+            w.wait().await.unwrap(),
             Exit::Code(0),
             "env or cwd not as given"
         );

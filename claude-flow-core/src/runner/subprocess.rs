@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::output::{WorkflowOutput, scan_output};
 use super::process::{self, GroupGuard};
-use super::spawn::Exit;
+use super::spawn::{Child, Exit};
 use super::{ExitKind, RunOutcome, WorkflowJob, WorkflowRunner};
 use crate::error::RunnerError;
 use crate::issue::Issue;
@@ -184,7 +184,7 @@ impl SubprocessRunner {
         env.into_iter().collect()
     }
 
-    fn start(&self, job: &WorkflowJob, p: &Prepared) -> Result<process::Workflow, RunnerError> {
+    fn start(&self, job: &WorkflowJob, p: &Prepared) -> Result<Child, RunnerError> {
         let (program, args) = self
             .settings
             .command
@@ -267,9 +267,7 @@ impl WorkflowRunner for SubprocessRunner {
                 return Err(e);
             }
         };
-        let pgid = child.id().ok_or_else(|| {
-            RunnerError::Other("the workflow exited before it was tracked".into())
-        })?;
+        let pgid = child.id();
         let guard = GroupGuard::new(pgid);
         tracing::debug!(pid = pgid, log = %prepared.log_path.display(), "workflow started");
         let wait_error =
@@ -277,7 +275,7 @@ impl WorkflowRunner for SubprocessRunner {
         let timeout = self.settings.timeout;
         // Waiting also kills whatever the workflow left in its group.
         let finished = tokio::select! {
-            exit = child.wait(pgid) => Ok(exit.map_err(wait_error)?),
+            exit = process::wait(&mut child) => Ok(exit.map_err(wait_error)?),
             () = cancel.cancelled() => Err(ExitKind::Cancelled),
             () = tokio::time::sleep(timeout) => Err(ExitKind::TimedOut(timeout)),
         };
@@ -287,10 +285,10 @@ impl WorkflowRunner for SubprocessRunner {
             Err(stopped) => {
                 process::signal_group(pgid, Signal::SIGTERM);
                 tokio::select! {
-                    exit = child.wait(pgid) => { exit.map_err(wait_error)?; }
+                    exit = process::wait(&mut child) => { exit.map_err(wait_error)?; }
                     () = tokio::time::sleep(self.settings.kill_grace) => {
                         process::signal_group(pgid, Signal::SIGKILL);
-                        child.wait(pgid).await.map_err(wait_error)?;
+                        process::wait(&mut child).await.map_err(wait_error)?;
                     }
                 }
                 stopped
