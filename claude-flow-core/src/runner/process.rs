@@ -1,6 +1,7 @@
 //! Process-tree control for workflows: each workflow leads its own process
-//! group, dies with the service (parent-death signal), and can be found
-//! again after a crash by its `CLAUDE_FLOW_RUN_ID` in `/proc`.
+//! group, dies with the service (parent-death signal), is stopped group
+//! by group with a grace period, and can be found again after a crash by
+//! its `CLAUDE_FLOW_RUN_ID` in `/proc`.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -8,9 +9,12 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use tokio::time::Instant;
 
 use super::spawn::{self, Child, Exit, SpawnSpec};
 
@@ -48,14 +52,76 @@ fn clone_refused(e: &io::Error) -> bool {
     )
 }
 
-/// Waits for the workflow to exit, then kills whatever it left running
-/// in its process group.
-pub(crate) async fn wait(child: &mut Child) -> io::Result<Exit> {
-    child.exited().await?;
-    // The group is signalled while the leader is an unreaped zombie, so its
-    // ID cannot have been reused.
-    signal_group(child.id(), Signal::SIGKILL);
-    child.wait().await
+/// Ends the workflow's process group: SIGTERM to all of it, then
+/// `grace` for every process in it to exit, also after the leader is gone,
+/// then SIGKILL to whatever is left. Returns how the leader ended.
+///
+/// Called when the leader has exited on its own (what it left behind gets
+/// the same grace) and to stop it on timeout or cancel.
+pub(crate) async fn end_group(leader: &mut Child, grace: Duration) -> io::Result<Exit> {
+    let pgid = leader.id();
+    let deadline = Instant::now() + grace;
+    // The leader is not reaped yet, so the group's ID is still ours. SIGCONT
+    // lets stopped members act on the SIGTERM.
+    signal_group(pgid, Signal::SIGTERM);
+    signal_group(pgid, Signal::SIGCONT);
+    if tokio::time::timeout_at(deadline, leader.exited())
+        .await
+        .is_err()
+    {
+        signal_group(pgid, Signal::SIGKILL);
+    }
+    let exit = leader.wait().await?;
+    // From here the group's ID stays reserved only while a member is left,
+    // so it is only probed, and SIGKILL follows a probe that found the
+    // group within one pause: for the ID to name another group by then,
+    // the group would have to empty and the kernel's cyclic PID allocation
+    // wrap around within that pause.
+    let mut pause = Duration::from_millis(1);
+    while group_running(pgid) {
+        let now = Instant::now();
+        if now >= deadline {
+            signal_group(pgid, Signal::SIGKILL);
+            break;
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    Ok(exit)
+}
+
+/// Whether a process of the group is still running. A group of zombies
+/// is finished: they wait for whoever adopted them to reap them, which some
+/// init processes do only every few seconds.
+fn group_running(pgid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pgid) else {
+        return false;
+    };
+    // The common case, no process left at all, costs one system call.
+    // EPERM: a member runs as another user (a setuid program), but exists.
+    if let Err(Errno::ESRCH) = killpg(Pid::from_raw(raw), None) {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    entries.flatten().any(|entry| {
+        std::fs::read_to_string(entry.path().join("stat"))
+            .is_ok_and(|stat| running_in_group(&stat, pgid))
+    })
+}
+
+/// Whether a `/proc/<pid>/stat` line is of a live (not zombie) process of
+/// group `pgid`.
+fn running_in_group(stat: &str, pgid: u32) -> bool {
+    // The fields after the parenthesised command name: state, ppid, pgrp.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next().unwrap_or("Z");
+    let pgrp = fields.nth(1).and_then(|f| f.parse::<u32>().ok());
+    pgrp == Some(pgid) && !state.starts_with(['Z', 'X'])
 }
 
 /// Finds `program` as `execvp` would (a name without `/` is searched on
@@ -343,6 +409,15 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn stat_lines_tell_live_members_of_a_group() {
+        let line = |state: &str, pgrp: u32| format!("42 (a (b) c) {state} 1 {pgrp} 1 0 -1");
+        assert!(running_in_group(&line("S", 7), 7));
+        assert!(!running_in_group(&line("S", 8), 7));
+        assert!(!running_in_group(&line("Z", 7), 7));
+        assert!(!running_in_group("garbage", 7));
     }
 
     #[test]

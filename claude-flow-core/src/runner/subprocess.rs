@@ -10,7 +10,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use nix::sys::signal::Signal;
 use tokio_util::sync::CancellationToken;
 
 use super::output::{WorkflowOutput, scan_output};
@@ -273,27 +272,19 @@ impl WorkflowRunner for SubprocessRunner {
         let wait_error =
             |e: std::io::Error| RunnerError::Other(format!("waiting for the workflow: {e}"));
         let timeout = self.settings.timeout;
-        // Waiting also kills whatever the workflow left in its group.
-        let finished = tokio::select! {
-            exit = process::wait(&mut child) => Ok(exit.map_err(wait_error)?),
-            () = cancel.cancelled() => Err(ExitKind::Cancelled),
-            () = tokio::time::sleep(timeout) => Err(ExitKind::TimedOut(timeout)),
+        let stopped = tokio::select! {
+            exited = child.exited() => { exited.map_err(wait_error)?; None }
+            () = cancel.cancelled() => Some(ExitKind::Cancelled),
+            () = tokio::time::sleep(timeout) => Some(ExitKind::TimedOut(timeout)),
         };
-        let exit = match finished {
-            Ok(Exit::Code(code)) => ExitKind::Code(code),
-            Ok(Exit::Signal(signal)) => ExitKind::Signal(signal),
-            Err(stopped) => {
-                process::signal_group(pgid, Signal::SIGTERM);
-                tokio::select! {
-                    exit = process::wait(&mut child) => { exit.map_err(wait_error)?; }
-                    () = tokio::time::sleep(self.settings.kill_grace) => {
-                        process::signal_group(pgid, Signal::SIGKILL);
-                        process::wait(&mut child).await.map_err(wait_error)?;
-                    }
-                }
-                stopped
-            }
-        };
+        // Stopping, and what the workflow left in its group after exiting.
+        let ended = process::end_group(&mut child, self.settings.kill_grace)
+            .await
+            .map_err(wait_error)?;
+        let exit = stopped.unwrap_or(match ended {
+            Exit::Code(code) => ExitKind::Code(code),
+            Exit::Signal(signal) => ExitKind::Signal(signal),
+        });
         guard.disarm();
         let scanned = scan_log(&prepared.log_path, &job.issue).await?;
         Ok(RunOutcome {
