@@ -23,8 +23,8 @@
 //! group can be signalled after the workflow exited but before it is
 //! reaped, when its ID cannot have been reused.
 //!
-//! This module is the crate's one use of `unsafe`; each block says why it
-//! is sound.
+//! This module and `guardian.rs` are the crate's uses of `unsafe`; each
+//! block says why it is sound.
 #![allow(unsafe_code)]
 
 use std::ffi::{CString, OsStr, OsString};

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
+use super::guardian::{self, Guardian};
 use super::output::{WorkflowOutput, scan_output};
 use super::process::{self, GroupGuard};
 use super::spawn::{Child, Exit};
@@ -50,6 +51,13 @@ pub struct SubprocessRunner {
     /// `command[0]` as found on `PATH` the last time, so that a spawn costs
     /// one `stat` instead of one per `PATH` entry.
     resolved: Mutex<Option<PathBuf>>,
+    /// `CLAUDE_FLOW_INSTANCE` in every workflow's environment: how the
+    /// guardian finds what they started.
+    instance: String,
+    /// Started with the first workflow (and again if it was killed); it
+    /// stops what the workflows started when the service dies or drops
+    /// this runner.
+    guardian: Mutex<Option<Guardian>>,
 }
 
 impl SubprocessRunner {
@@ -58,6 +66,26 @@ impl SubprocessRunner {
         Self {
             settings,
             resolved: Mutex::new(None),
+            instance: guardian::new_instance(),
+            guardian: Mutex::new(None),
+        }
+    }
+
+    /// Makes sure a guardian watches this runner's workflows. Without one
+    /// (fork failed) workflows still die with the service, but what they
+    /// started outside their process group may not.
+    fn guard(&self) {
+        let mut guardian = self.guardian.lock().unwrap_or_else(|e| e.into_inner());
+        if guardian.as_ref().is_some_and(Guardian::is_alive) {
+            return;
+        }
+        match Guardian::start(&self.instance, self.settings.kill_grace) {
+            Ok(started) => *guardian = Some(started),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot start the guardian; processes that workflows start outside \
+                 their process group may outlive the service"
+            ),
         }
     }
 
@@ -180,6 +208,7 @@ impl SubprocessRunner {
         set("CLAUDE_FLOW_ATTEMPT", job.attempt.to_string().into());
         set("CLAUDE_FLOW_WORKSPACE", p.workspace.clone().into());
         set("CLAUDE_FLOW_RUN_ID", job.run_id.clone().into());
+        set(guardian::INSTANCE_VAR, self.instance.clone().into());
         env.into_iter().collect()
     }
 
@@ -194,6 +223,7 @@ impl SubprocessRunner {
             source,
         };
         let resolved = self.program(program).map_err(spawn_error)?;
+        self.guard();
         let env = self.environment(job, p);
         process::start(&resolved, args, &env, &p.workspace, &p.log).map_err(spawn_error)
     }
