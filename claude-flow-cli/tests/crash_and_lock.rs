@@ -165,3 +165,58 @@ fn a_second_sigint_stops_run_at_once_and_still_records_the_workflow() {
     assert_eq!(shown["status"], "queued");
     assert_eq!(shown["attempts"][0]["outcome"]["kind"], "interrupted");
 }
+
+/// Starts three processes that leave the workflow's process group in
+/// different ways, each writing its PID to `<name>.pid` once it is set up:
+/// a new session, a new session that ignores SIGTERM, and a new process
+/// group (job control).
+const ESCAPING: &str = r#"setsid bash -c 'echo $$ > session.tmp; mv session.tmp session.pid; exec sleep 600' &
+setsid bash -c 'trap "" TERM; echo $$ > stubborn.tmp; mv stubborn.tmp stubborn.pid; while :; do sleep 1; done' &
+bash -c 'set -m; sleep 600 & echo $! > group.tmp; mv group.tmp group.pid; wait' &
+wait"#;
+
+/// Kills the listed processes when dropped, so that a failing test leaves
+/// nothing behind.
+struct Reaper(Vec<i32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn after_sigkill_nothing_a_workflow_started_outlives_the_service_by_more_than_the_grace() {
+    let f = Fixture::new();
+    f.config(json!({"workflow": {"kill_grace": "1s"}}));
+    f.issue(1, "Escapes", "");
+    f.workflow(ESCAPING);
+    let mut service = f.cli_process(&["run"]).spawn().unwrap();
+    let names = ["session", "stubborn", "group"];
+    let pid_file = |name: &str| f.workspace(1).join(format!("{name}.pid"));
+    wait_for("the workflow's processes to start", || {
+        names.iter().all(|name| pid_file(name).exists())
+    });
+    let escaped = Reaper(names.iter().map(|name| read_pid(&pid_file(name))).collect());
+    for pid in &escaped.0 {
+        assert!(alive(*pid), "process {pid} did not start");
+    }
+
+    kill(Pid::from_raw(service.id() as i32), Signal::SIGKILL).unwrap();
+    service.wait().unwrap();
+
+    // kill_grace (1 s) plus a margin for a loaded machine.
+    let bound = std::time::Duration::from_secs(30);
+    let start = std::time::Instant::now();
+    for (name, pid) in names.iter().zip(&escaped.0) {
+        while alive(*pid) {
+            assert!(
+                start.elapsed() < bound,
+                "the {name} process ({pid}) outlived the service"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}

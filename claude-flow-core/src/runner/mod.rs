@@ -6,6 +6,7 @@
 //! - `MockWorkflowRunner` (feature `test-util`): a mockall mock.
 
 mod closure;
+mod guardian;
 mod output;
 mod preflight;
 mod process;

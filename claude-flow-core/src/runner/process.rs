@@ -1,71 +1,34 @@
 //! Process-tree control for workflows: each workflow leads its own process
-//! group, dies with the service (parent-death signal), and can be found
-//! again after a crash by its `CLAUDE_FLOW_RUN_ID` in `/proc`.
+//! group, dies with the service (parent-death signal), is stopped group
+//! by group with a grace period, and can be found again after a crash by
+//! its `CLAUDE_FLOW_RUN_ID` in `/proc`.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use tokio::time::Instant;
 
-use super::spawn::{self, Exit, SpawnSpec};
-
-/// A running workflow, started without fork where the kernel allows it.
-#[derive(Debug)]
-pub(crate) enum Workflow {
-    /// Started by [`spawn::spawn`] (`clone(CLONE_VM | CLONE_VFORK)`).
-    Cloned(spawn::Child),
-    /// Started by fork with the death signal armed in `pre_exec`, where
-    /// clone is refused (some sandboxes' seccomp filters).
-    Forked(tokio::process::Child),
-}
-
-impl Workflow {
-    /// Its PID, which is also its process group's ID.
-    pub(crate) fn id(&self) -> Option<u32> {
-        match self {
-            Self::Cloned(child) => Some(child.id()),
-            Self::Forked(child) => child.id(),
-        }
-    }
-
-    /// Waits for the workflow to exit, then kills whatever it left running
-    /// in its process group.
-    pub(crate) async fn wait(&mut self, pgid: u32) -> io::Result<Exit> {
-        match self {
-            // The group is signalled while the leader is an unreaped
-            // zombie, so its ID cannot have been reused.
-            Self::Cloned(child) => child.wait(|| signal_group(pgid, Signal::SIGKILL)).await,
-            Self::Forked(child) => {
-                let status = child.wait().await?;
-                signal_group(pgid, Signal::SIGKILL);
-                Ok(match (status.code(), status.signal()) {
-                    (Some(code), _) => Exit::Code(code),
-                    (None, Some(signal)) => Exit::Signal(signal),
-                    (None, None) => Exit::Code(-1),
-                })
-            }
-        }
-    }
-}
+use super::spawn::{self, Child, Exit, SpawnSpec};
 
 /// Starts `program` (already resolved) in `cwd` with exactly `env`, its
 /// output to `output` and standard input from `/dev/null`, leading a new
 /// process group and receiving SIGKILL when the service dies, including
-/// by SIGKILL.
+/// by SIGKILL. Without fork where the kernel allows it.
 pub(crate) fn start(
     program: &Path,
     args: &[String],
     env: &[(OsString, OsString)],
     cwd: &Path,
     output: &File,
-) -> io::Result<Workflow> {
+) -> io::Result<Child> {
     let spec = SpawnSpec {
         program,
         args,
@@ -74,12 +37,11 @@ pub(crate) fn start(
         output: output.as_fd(),
     };
     match spawn::spawn(&spec) {
-        Ok(child) => Ok(Workflow::Cloned(child)),
         Err(e) if clone_refused(&e) => {
             tracing::debug!(error = %e, "clone refused; starting workflows with fork");
-            start_forked(&spec).map(Workflow::Forked)
+            spawn::spawn_forked(&spec)
         }
-        Err(e) => Err(e),
+        started => started,
     }
 }
 
@@ -90,39 +52,76 @@ fn clone_refused(e: &io::Error) -> bool {
     )
 }
 
-fn start_forked(spec: &SpawnSpec<'_>) -> io::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(spec.program);
-    cmd.args(spec.args)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(spec.cwd)
-        .stdin(Stdio::null())
-        .stdout(spec.output.try_clone_to_owned()?)
-        .stderr(spec.output.try_clone_to_owned()?)
-        .process_group(0)
-        .kill_on_drop(true);
-    arm_in_pre_exec(&mut cmd);
-    cmd.spawn()
+/// Ends the workflow's process group: SIGTERM to all of it, then
+/// `grace` for every process in it to exit, also after the leader is gone,
+/// then SIGKILL to whatever is left. Returns how the leader ended.
+///
+/// Called when the leader has exited on its own (what it left behind gets
+/// the same grace) and to stop it on timeout or cancel.
+pub(crate) async fn end_group(leader: &mut Child, grace: Duration) -> io::Result<Exit> {
+    let pgid = leader.id();
+    let deadline = Instant::now() + grace;
+    // The leader is not reaped yet, so the group's ID is still ours. SIGCONT
+    // lets stopped members act on the SIGTERM.
+    signal_group(pgid, Signal::SIGTERM);
+    signal_group(pgid, Signal::SIGCONT);
+    if tokio::time::timeout_at(deadline, leader.exited())
+        .await
+        .is_err()
+    {
+        signal_group(pgid, Signal::SIGKILL);
+    }
+    let exit = leader.wait().await?;
+    // From here the group's ID stays reserved only while a member is left,
+    // so it is only probed, and SIGKILL follows a probe that found the
+    // group within one pause: for the ID to name another group by then,
+    // the group would have to empty and the kernel's cyclic PID allocation
+    // wrap around within that pause.
+    let mut pause = Duration::from_millis(1);
+    while group_running(pgid) {
+        let now = Instant::now();
+        if now >= deadline {
+            signal_group(pgid, Signal::SIGKILL);
+            break;
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    Ok(exit)
 }
 
-fn arm_in_pre_exec(cmd: &mut tokio::process::Command) {
-    let parent = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes async-signal-safe system calls (prctl, getppid) and builds an
-    // io::Error from a raw errno, which does not allocate.
-    #[allow(unsafe_code)]
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-                .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
-            // The parent may have died between fork and prctl; then the
-            // signal will never come, so do not start at all.
-            if nix::unistd::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
-            }
-            Ok(())
-        });
+/// Whether a process of the group is still running. A group of zombies
+/// is finished: they wait for whoever adopted them to reap them, which some
+/// init processes do only every few seconds.
+fn group_running(pgid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pgid) else {
+        return false;
+    };
+    // The common case, no process left at all, costs one system call.
+    // EPERM: a member runs as another user (a setuid program), but exists.
+    if let Err(Errno::ESRCH) = killpg(Pid::from_raw(raw), None) {
+        return false;
     }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    entries.flatten().any(|entry| {
+        std::fs::read_to_string(entry.path().join("stat"))
+            .is_ok_and(|stat| running_in_group(&stat, pgid))
+    })
+}
+
+/// Whether a `/proc/<pid>/stat` line is of a live (not zombie) process of
+/// group `pgid`.
+fn running_in_group(stat: &str, pgid: u32) -> bool {
+    // The fields after the parenthesised command name: state, ppid, pgrp.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next().unwrap_or("Z");
+    let pgrp = fields.nth(1).and_then(|f| f.parse::<u32>().ok());
+    pgrp == Some(pgid) && !state.starts_with(['Z', 'X'])
 }
 
 /// Finds `program` as `execvp` would (a name without `/` is searched on
@@ -232,6 +231,8 @@ impl Drop for GroupGuard {
 
 #[cfg(test)]
 mod tests {
+    use nix::libc;
+
     use super::*;
 
     fn alive(pid: u32) -> bool {
@@ -262,11 +263,11 @@ mod tests {
                     output: log.as_fd(),
                 };
                 let workflow = if forked {
-                    Workflow::Forked(start_forked(&spec).unwrap())
+                    spawn::spawn_forked(&spec).unwrap()
                 } else {
-                    Workflow::Cloned(spawn::spawn(&spec).unwrap())
+                    spawn::spawn(&spec).unwrap()
                 };
-                let pid = workflow.id().unwrap();
+                let pid = workflow.id();
                 // Leak it: a killed service does not clean up either.
                 std::mem::forget(workflow);
                 pid
@@ -294,6 +295,88 @@ mod tests {
         dies_with_its_spawner(true);
     }
 
+    /// Runs `program args` with `spawn` or `spawn_forked` from a thread of
+    /// its own with `blocked` blocked, and returns its output.
+    fn output_of(forked: bool, blocked: i32, program: &str, args: &[&str]) -> String {
+        let program = resolve_program(program).unwrap();
+        let args: Vec<String> = args.iter().map(|&a| a.to_owned()).collect();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let output = log.reopen().unwrap();
+        std::thread::spawn(move || {
+            #[allow(unsafe_code)]
+            // SAFETY: a plain-data set initialised by sigemptyset, and a
+            // change to this thread's mask only.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, blocked);
+                assert_eq!(
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+                    0
+                );
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let spec = SpawnSpec {
+                    program: &program,
+                    args: &args,
+                    env: &[],
+                    cwd: Path::new("/"),
+                    output: output.as_fd(),
+                };
+                let mut child = if forked {
+                    spawn::spawn_forked(&spec).unwrap()
+                } else {
+                    spawn::spawn(&spec).unwrap()
+                };
+                assert_eq!(child.wait().await.unwrap(), Exit::Code(0));
+            });
+        })
+        .join()
+        .unwrap();
+        std::fs::read_to_string(log.path()).unwrap()
+    }
+
+    /// Both ways of starting a workflow, while the service holds a
+    /// descriptor without close-on-exec and has a real-time signal blocked
+    /// and another ignored. (`tests/workflow_inheritance.rs` checks the
+    /// same through the runner, in a process of its own.)
+    #[test]
+    fn neither_spawn_passes_on_descriptors_or_signal_state() {
+        let extra = nix::unistd::dup(std::io::stderr()).unwrap();
+        let (blocked, ignored) = (libc::SIGRTMIN() + 5, libc::SIGRTMIN() + 6);
+        #[allow(unsafe_code)]
+        // SAFETY: SIG_IGN installs no handler; no other test uses this
+        // real-time signal.
+        unsafe {
+            libc::signal(ignored, libc::SIG_IGN);
+        }
+        for forked in [false, true] {
+            // The shell's descriptors, listed by a child; `exit` keeps the
+            // shell from replacing itself with `ls`.
+            let fds = output_of(forked, blocked, "sh", &["-c", "ls /proc/$$/fd; exit 0"]);
+            assert_eq!(
+                fds.lines().collect::<Vec<_>>(),
+                ["0", "1", "2"],
+                "forked: {forked}"
+            );
+            // `cat` reads its own state, which it leaves as it found it.
+            let status = output_of(forked, blocked, "cat", &["/proc/self/status"]);
+            for field in ["SigBlk:", "SigIgn:"] {
+                assert!(
+                    status
+                        .lines()
+                        .any(|l| l.starts_with(field) && l.ends_with("0000000000000000")),
+                    "forked: {forked}\n{status}"
+                );
+            }
+        }
+        drop(extra);
+    }
+
     #[tokio::test]
     async fn exit_codes_signals_and_exec_errors_are_reported() {
         let sh = resolve_program("sh").unwrap();
@@ -304,19 +387,16 @@ mod tests {
             start(&sh, &args, &env, Path::new("/"), &log)
         };
         let mut w = run("exit 3").unwrap();
-        let pgid = w.id().unwrap();
-        assert_eq!(w.wait(pgid).await.unwrap(), Exit::Code(3));
+        assert_eq!(w.wait().await.unwrap(), Exit::Code(3));
         let mut w = run("kill -USR1 $$").unwrap();
-        let pgid = w.id().unwrap();
         assert_eq!(
-            w.wait(pgid).await.unwrap(),
+            w.wait().await.unwrap(),
             Exit::Signal(Signal::SIGUSR1 as i32)
         );
         let mut w =
             run("[ \"$X\" = 'from env' ] && [ -z \"$HOME\" ] && [ \"$(pwd)\" = / ]").unwrap();
-        let pgid = w.id().unwrap();
         assert_eq!(
-            w.wait(pgid).await.unwrap(),
+            w.wait().await.unwrap(),
             Exit::Code(0),
             "env or cwd not as given"
         );
@@ -329,6 +409,15 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn stat_lines_tell_live_members_of_a_group() {
+        let line = |state: &str, pgrp: u32| format!("42 (a (b) c) {state} 1 {pgrp} 1 0 -1");
+        assert!(running_in_group(&line("S", 7), 7));
+        assert!(!running_in_group(&line("S", 8), 7));
+        assert!(!running_in_group(&line("Z", 7), 7));
+        assert!(!running_in_group("garbage", 7));
     }
 
     #[test]

@@ -10,12 +10,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use nix::sys::signal::Signal;
 use tokio_util::sync::CancellationToken;
 
+use super::guardian::{self, Guardian};
 use super::output::{WorkflowOutput, scan_output};
 use super::process::{self, GroupGuard};
-use super::spawn::Exit;
+use super::spawn::{Child, Exit};
 use super::{ExitKind, RunOutcome, WorkflowJob, WorkflowRunner};
 use crate::error::RunnerError;
 use crate::issue::Issue;
@@ -51,6 +51,13 @@ pub struct SubprocessRunner {
     /// `command[0]` as found on `PATH` the last time, so that a spawn costs
     /// one `stat` instead of one per `PATH` entry.
     resolved: Mutex<Option<PathBuf>>,
+    /// `CLAUDE_FLOW_INSTANCE` in every workflow's environment: how the
+    /// guardian finds what they started.
+    instance: String,
+    /// Started with the first workflow (and again if it was killed); it
+    /// stops what the workflows started when the service dies or drops
+    /// this runner.
+    guardian: Mutex<Option<Guardian>>,
 }
 
 impl SubprocessRunner {
@@ -59,6 +66,26 @@ impl SubprocessRunner {
         Self {
             settings,
             resolved: Mutex::new(None),
+            instance: guardian::new_instance(),
+            guardian: Mutex::new(None),
+        }
+    }
+
+    /// Makes sure a guardian watches this runner's workflows. Without one
+    /// (fork failed) workflows still die with the service, but what they
+    /// started outside their process group may not.
+    fn guard(&self) {
+        let mut guardian = self.guardian.lock().unwrap_or_else(|e| e.into_inner());
+        if guardian.as_ref().is_some_and(Guardian::is_alive) {
+            return;
+        }
+        match Guardian::start(&self.instance, self.settings.kill_grace) {
+            Ok(started) => *guardian = Some(started),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot start the guardian; processes that workflows start outside \
+                 their process group may outlive the service"
+            ),
         }
     }
 
@@ -181,10 +208,11 @@ impl SubprocessRunner {
         set("CLAUDE_FLOW_ATTEMPT", job.attempt.to_string().into());
         set("CLAUDE_FLOW_WORKSPACE", p.workspace.clone().into());
         set("CLAUDE_FLOW_RUN_ID", job.run_id.clone().into());
+        set(guardian::INSTANCE_VAR, self.instance.clone().into());
         env.into_iter().collect()
     }
 
-    fn start(&self, job: &WorkflowJob, p: &Prepared) -> Result<process::Workflow, RunnerError> {
+    fn start(&self, job: &WorkflowJob, p: &Prepared) -> Result<Child, RunnerError> {
         let (program, args) = self
             .settings
             .command
@@ -195,6 +223,7 @@ impl SubprocessRunner {
             source,
         };
         let resolved = self.program(program).map_err(spawn_error)?;
+        self.guard();
         let env = self.environment(job, p);
         process::start(&resolved, args, &env, &p.workspace, &p.log).map_err(spawn_error)
     }
@@ -274,35 +303,25 @@ impl WorkflowRunner for SubprocessRunner {
                 return Err(e);
             }
         };
-        let pgid = child.id().ok_or_else(|| {
-            RunnerError::Other("the workflow exited before it was tracked".into())
-        })?;
+        let pgid = child.id();
         let guard = GroupGuard::new(pgid);
         tracing::debug!(pid = pgid, log = %prepared.log_path.display(), "workflow started");
         let wait_error =
             |e: std::io::Error| RunnerError::Other(format!("waiting for the workflow: {e}"));
         let timeout = self.settings.timeout;
-        // Waiting also kills whatever the workflow left in its group.
-        let finished = tokio::select! {
-            exit = child.wait(pgid) => Ok(exit.map_err(wait_error)?),
-            () = cancel.cancelled() => Err(ExitKind::Cancelled),
-            () = tokio::time::sleep(timeout) => Err(ExitKind::TimedOut(timeout)),
+        let stopped = tokio::select! {
+            exited = child.exited() => { exited.map_err(wait_error)?; None }
+            () = cancel.cancelled() => Some(ExitKind::Cancelled),
+            () = tokio::time::sleep(timeout) => Some(ExitKind::TimedOut(timeout)),
         };
-        let exit = match finished {
-            Ok(Exit::Code(code)) => ExitKind::Code(code),
-            Ok(Exit::Signal(signal)) => ExitKind::Signal(signal),
-            Err(stopped) => {
-                process::signal_group(pgid, Signal::SIGTERM);
-                tokio::select! {
-                    exit = child.wait(pgid) => { exit.map_err(wait_error)?; }
-                    () = tokio::time::sleep(self.settings.kill_grace) => {
-                        process::signal_group(pgid, Signal::SIGKILL);
-                        child.wait(pgid).await.map_err(wait_error)?;
-                    }
-                }
-                stopped
-            }
-        };
+        // Stopping, and what the workflow left in its group after exiting.
+        let ended = process::end_group(&mut child, self.settings.kill_grace)
+            .await
+            .map_err(wait_error)?;
+        let exit = stopped.unwrap_or(match ended {
+            Exit::Code(code) => ExitKind::Code(code),
+            Exit::Signal(signal) => ExitKind::Signal(signal),
+        });
         guard.disarm();
         let scanned = scan_log(&prepared.log_path, &job.issue).await?;
         Ok(RunOutcome {
