@@ -196,6 +196,7 @@ async fn an_attempt_running_at_a_crash_is_abandoned_then_run_again_uncounted() {
     });
     let store = Arc::new(MemoryStore::with_records([record]));
     let mut runner = MockWorkflowRunner::new();
+    runner.expect_preflight().returning(|| Ok(()));
     runner
         .expect_abandon()
         .withf(|run_id| run_id == "crashed-run")
