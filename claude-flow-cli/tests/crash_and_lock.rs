@@ -175,14 +175,17 @@ setsid bash -c 'trap "" TERM; echo $$ > stubborn.tmp; mv stubborn.tmp stubborn.p
 bash -c 'set -m; sleep 600 & echo $! > group.tmp; mv group.tmp group.pid; wait' &
 wait"#;
 
-/// Kills the listed processes when dropped, so that a failing test leaves
-/// nothing behind.
+/// Kills the listed processes if the test fails, so that a failure leaves
+/// nothing behind. (Not after a success: the PIDs may belong to other
+/// processes by then.)
 struct Reaper(Vec<i32>);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
-        for pid in &self.0 {
-            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        if std::thread::panicking() {
+            for pid in &self.0 {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
         }
     }
 }

@@ -165,3 +165,48 @@ wait"#,
         "the child got SIGKILL without SIGTERM first"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_left_the_group_is_ended_when_the_runner_is_dropped() {
+    // A grandchild in a session of its own: no group signal reaches it,
+    // and it ignores SIGTERM.
+    let s = Setup::new(
+        r#"setsid bash -c 'trap "" TERM; echo $$ > escaped.tmp; mv escaped.tmp escaped.pid
+while :; do sleep 0.1; done' &
+while [ ! -e escaped.pid ]; do sleep 0.05; done"#,
+        Duration::from_secs(1),
+    );
+    let outcome = s
+        .runner
+        .run(&s.job, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(outcome.exit, ExitKind::Code(0), "{}", s.log(&outcome));
+    let escaped = read_pid(&s.workspace().join("escaped.pid"));
+    assert!(alive(escaped), "the escaped process is not running");
+    let _cleanup = KillIfFailed(escaped);
+    // The runner's guardian ends it (SIGTERM, then SIGKILL after the
+    // grace) once the runner is gone.
+    let Setup {
+        runner, _dir: dir, ..
+    } = s;
+    drop(runner);
+    wait_for_async(&format!("process {escaped} to end"), || !alive(escaped)).await;
+    drop(dir);
+}
+
+/// SIGKILLs a process if the test fails, so that a failure leaves nothing
+/// running. (Not after a success: the PID may belong to another process
+/// by then.)
+struct KillIfFailed(i32);
+
+impl Drop for KillIfFailed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}

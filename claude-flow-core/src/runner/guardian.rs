@@ -148,8 +148,14 @@ fn guardian_main(pipe: RawFd, work: &mut Work) -> ! {
         let mut byte = 0u8;
         loop {
             let n = libc::read(PIPE, std::ptr::from_mut(&mut byte).cast(), 1);
-            if n == 0 || (n < 0 && nix::errno::Errno::last() != nix::errno::Errno::EINTR) {
+            if n == 0 {
                 break;
+            }
+            if n < 0 && nix::errno::Errno::last() != nix::errno::Errno::EINTR {
+                // Unable to wait, it cannot tell a dead service from a live
+                // one, and stopping live work is worse: exit, and the
+                // runner starts another guardian with its next workflow.
+                libc::_exit(1);
             }
         }
         sweep(work);

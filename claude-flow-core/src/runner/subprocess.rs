@@ -45,6 +45,11 @@ pub struct SubprocessSettings {
 
 /// Runs each attempt as a child process in its own process group, with the
 /// issue in its environment and its output in the attempt's log file.
+///
+/// With its first workflow the runner forks a small guardian process
+/// (`cf-guardian`), which ends whatever the workflows started, including
+/// processes that left their process group, within `kill_grace` once this
+/// process exits (however it exits) or drops the runner.
 #[derive(Debug)]
 pub struct SubprocessRunner {
     settings: SubprocessSettings,
