@@ -123,6 +123,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             // a local.dir that does not exist.
             app::issue_source(&config)?;
             app::subprocess_settings(&config)?;
+            config.api_token().map_err(Error::from)?;
             println!("{}: configuration OK", cli.config.display());
             Ok(())
         }

@@ -149,6 +149,29 @@ fn a_bad_configuration_exits_78_naming_the_key() {
 }
 
 #[test]
+fn listening_beyond_loopback_without_an_api_token_exits_78() {
+    let s = setup_with(0, serde_json::json!({"listen": "0.0.0.0:0"}));
+    let mut d = daemon(&s.root);
+    let start = Instant::now();
+    while d.try_wait().unwrap().is_none() {
+        if start.elapsed() > PATIENCE {
+            d.kill().unwrap();
+            let _ = d.wait();
+            panic!("the daemon started, listening on 0.0.0.0 without an API token");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = d.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("service.listen: ") && err.contains("service.api_token"),
+        "{err}"
+    );
+    assert!(!s.root.join("state").exists(), "nothing started");
+}
+
+#[test]
 fn sighup_applies_a_new_max_concurrent_without_dropping_running_workflows() {
     let s = setup_with(3, serde_json::json!({"max_concurrent": 1}));
     let mut d = daemon(&s.root);
