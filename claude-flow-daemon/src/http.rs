@@ -35,9 +35,12 @@
 //!
 //! Request bodies are limited to [`BODY_LIMIT`] (413 beyond it).
 //!
-//! The API has no authentication of its own: `service.listen` defaults to
-//! loopback; put anything wider behind a proxy that authenticates.
-//! Webhooks carry their own signature.
+//! Before any of that, every request passes [`guard`]: every `POST` (any
+//! method but `GET`/`HEAD`) under `/api/` must carry the API token
+//! ([`ApiToken`]) as `Authorization: Bearer <token>`, compared in constant
+//! time, else 401 with a body saying where the token is. Reads
+//! (`/healthz`, `/metrics`, `GET /api/issues`) need no token. Webhooks
+//! carry their own signature.
 
 use std::io;
 use std::sync::{Arc, RwLock};
@@ -46,10 +49,12 @@ use std::time::{Duration, SystemTime};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use claude_flow_core::api::token::ApiToken;
 use claude_flow_core::api::{ErrorBody, Health};
 use claude_flow_core::config::Config;
 use claude_flow_core::issue_source::{WebhookEvent, parse_github_webhook};
@@ -117,6 +122,7 @@ pub struct HttpState {
     orchestrator: Arc<Orchestrator>,
     store: Arc<dyn StateStore>,
     webhook: Arc<RwLock<Option<Arc<WebhookConfig>>>>,
+    api_token: Arc<RwLock<Option<Arc<ApiToken>>>>,
     metrics: Option<PrometheusHandle>,
     /// Before the first poll, the health check counts from here.
     since: SystemTime,
@@ -127,6 +133,7 @@ impl std::fmt::Debug for HttpState {
         f.debug_struct("HttpState")
             .field("orchestrator", &self.orchestrator)
             .field("webhook", &self.webhook())
+            .field("api_token", &self.api_token().map(|t| t.source().clone()))
             .field("metrics", &self.metrics.is_some())
             .finish_non_exhaustive()
     }
@@ -134,12 +141,14 @@ impl std::fmt::Debug for HttpState {
 
 impl HttpState {
     /// The state for a service built from this orchestrator and the store
-    /// it writes to; no webhook and no metrics until they are added.
+    /// it writes to; no webhook, no metrics and no API token until they
+    /// are added. Without a token every `POST /api/...` is refused.
     pub fn new(orchestrator: Arc<Orchestrator>, store: Arc<dyn StateStore>) -> Self {
         Self {
             orchestrator,
             store,
             webhook: Arc::default(),
+            api_token: Arc::default(),
             metrics: None,
             since: SystemTime::now(),
         }
@@ -149,6 +158,25 @@ impl HttpState {
     pub fn with_webhook(self, webhook: Option<WebhookConfig>) -> Self {
         self.set_webhook(webhook);
         self
+    }
+
+    /// The token every `POST /api/...` must carry.
+    pub fn with_api_token(self, token: ApiToken) -> Self {
+        self.set_api_token(Some(token));
+        self
+    }
+
+    /// Replaces the API token (a configuration reload); `None` refuses
+    /// every `POST /api/...`.
+    pub fn set_api_token(&self, token: Option<ApiToken>) {
+        *self.api_token.write().unwrap_or_else(|e| e.into_inner()) = token.map(Arc::new);
+    }
+
+    fn api_token(&self) -> Option<Arc<ApiToken>> {
+        self.api_token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Serves `GET /metrics` from this recorder's handle.
@@ -264,7 +292,72 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/resume", post(resume))
         .route("/webhook", post(webhook))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Outermost, so that it sees every request, unknown paths too.
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
+}
+
+/// The checks every request passes before its handler: for actions under
+/// `/api/`, the token (401).
+pub async fn guard(State(state): State<HttpState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    let refuse = |code: StatusCode, why: &str, message: String| {
+        tracing::warn!(%method, path = %path, status = code.as_u16(), "HTTP request refused: {why}");
+        failure(code, message)
+    };
+
+    if path.starts_with("/api/") && !matches!(method, Method::GET | Method::HEAD) {
+        let token = state.api_token();
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer);
+        let valid = match (&token, presented) {
+            (Some(token), Some(presented)) => token.matches(presented.as_bytes()),
+            _ => false,
+        };
+        if !valid {
+            let mut response = refuse(
+                StatusCode::UNAUTHORIZED,
+                if presented.is_some() {
+                    "wrong API token"
+                } else {
+                    "no API token"
+                },
+                unauthorized_message(token.as_deref()),
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"claude-flow\""),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+/// The token of `Authorization: Bearer <token>` (the scheme in any case).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// What a 401 says: how to send the token and where to find it, never
+/// the token itself.
+fn unauthorized_message(token: Option<&ApiToken>) -> String {
+    let location = match token {
+        Some(token) => format!("This service's token: {}.", token.source()),
+        None => "This service has no API token, so it takes no actions over HTTP.".to_owned(),
+    };
+    format!(
+        "missing or bad API token: send `Authorization: Bearer <token>`. {location} \
+         `claude-flow retry`, `cancel` and `resume` find it themselves (service.api_token, \
+         service.api_token_file, else <state_dir>/api-token, which only the service's user and \
+         root can read)"
+    )
 }
 
 /// Binds `service.listen`, with an error that names the key.
@@ -598,6 +691,15 @@ mod tests {
             b"Hello, World!"
         ));
         assert!(!signature_is_valid(secret, None, b"Hello, World!"));
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_header() {
+        assert_eq!(bearer("Bearer  abc "), Some("abc"));
+        assert_eq!(bearer("bEaReR abc"), Some("abc"));
+        assert_eq!(bearer("Bearer"), None);
+        assert_eq!(bearer("Bearer  "), None);
+        assert_eq!(bearer("Basic abc"), None);
     }
 
     fn poll(at: SystemTime, error: Option<&str>) -> Option<PollResult> {

@@ -413,7 +413,9 @@ async fn the_clis_api_client_reads_what_the_server_writes() {
     service
         .wait_status("a running workflow", |s| s.running.len() == 1)
         .await;
-    let client = ApiClient::for_listen(service.base.trim_start_matches("http://")).unwrap();
+    let client = ApiClient::for_listen(service.base.trim_start_matches("http://"))
+        .unwrap()
+        .with_token(claude_flow_core::Secret::new(support::API_TOKEN));
     let health = client.health().await.unwrap();
     assert!(health.is_ok());
     let running: Vec<_> = health

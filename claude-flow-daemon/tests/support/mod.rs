@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use claude_flow_core::api::token::{ApiToken, TokenSource};
 use claude_flow_core::{
     Error, ExitKind, FnRunner, Issue, IssueKey, IssueSource, MemorySource, MemoryStore,
     Orchestrator, RepoId, Report, Reports, RunOutcome, Secret, Settings, SourceError, Status,
@@ -27,6 +28,8 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 pub const SECRET: &str = "It's a Secret to Everybody";
 pub const REPO: &str = "acme/widgets";
 pub const TRIGGER: &str = "claude-flow";
+/// The API token the test service expects.
+pub const API_TOKEN: &str = "test-api-token-0123456789abcdef";
 
 pub fn key(n: u64) -> IssueKey {
     IssueKey::new(REPO.parse().unwrap(), n)
@@ -183,8 +186,15 @@ impl Service {
             trigger_label: TRIGGER.into(),
             repos: vec![REPO.parse::<RepoId>().unwrap()],
         });
-        let state =
-            adjust(HttpState::new(orchestrator.clone(), store.clone()).with_webhook(webhook));
+        let token = ApiToken::new(
+            Secret::new(API_TOKEN),
+            TokenSource::Generated("/var/lib/claude-flow/api-token".into()),
+        );
+        let state = adjust(
+            HttpState::new(orchestrator.clone(), store.clone())
+                .with_webhook(webhook)
+                .with_api_token(token),
+        );
         Self::with_state(orchestrator, store, starts, state, options.run).await
     }
 
@@ -233,8 +243,23 @@ impl Service {
         (status, response.json().await.unwrap_or_default())
     }
 
+    /// Posts with the API token, as an operator's client does.
     pub async fn post(&self, path: &str) -> (u16, serde_json::Value) {
-        let response = self.http.post(self.url(path)).send().await.unwrap();
+        self.post_with(path, &[("authorization", &format!("Bearer {API_TOKEN}"))])
+            .await
+    }
+
+    /// Posts with these headers only.
+    pub async fn post_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, serde_json::Value) {
+        let mut request = self.http.post(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or_default())
     }
