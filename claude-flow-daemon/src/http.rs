@@ -35,19 +35,38 @@
 //!
 //! Request bodies are limited to [`BODY_LIMIT`] (413 beyond it).
 //!
-//! Before any of that, every request passes [`guard`]: every `POST` (any
-//! method but `GET`/`HEAD`) under `/api/` must carry the API token
-//! ([`ApiToken`]) as `Authorization: Bearer <token>`, compared in constant
-//! time, else 401 with a body saying where the token is. Reads
-//! (`/healthz`, `/metrics`, `GET /api/issues`) need no token. Webhooks
-//! carry their own signature.
+//! Before any of that, every request passes [`guard`]'s checks, which
+//! keep a web page the operator happens to visit from driving the API
+//! through the operator's browser:
+//!
+//! - `Host` (or an absolute request URI's authority) must be a loopback
+//!   name or address (`localhost`, `127.0.0.0/8`, `[::1]`, any port) or the
+//!   address the connection came in on (the listen address; with a
+//!   wildcard listen, the interface's): else 421. A DNS-rebound page
+//!   reaches the service under its own host name, so this stops it. Not
+//!   on `/webhook`: GitHub sends the public name, and the HMAC decides.
+//! - Every `POST` (any method but `GET`/`HEAD`) under `/api/`: an `Origin`
+//!   header, when present, must be the service's own (`http://` and the
+//!   port the connection came in on, with a loopback host or the address
+//!   itself), else 403, since a page elsewhere may still send a simple
+//!   `POST` with no body; and `Authorization: Bearer <token>` must carry
+//!   the API token ([`ApiToken`]), compared in constant time, else 401
+//!   with a body saying where the token is.
+//!
+//! Reads (`/healthz`, `/metrics`, `GET /api/issues`) need no token: a page
+//! elsewhere cannot read their answers (no CORS headers are ever sent),
+//! and the `Host` check stops rebinding. Webhooks carry their own
+//! signature.
 
 use std::io;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -297,17 +316,79 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// The checks every request passes before its handler: for actions under
-/// `/api/`, the token (401).
+/// Who is on each end of a connection, for [`guard`]: axum puts it in
+/// each request's extensions when [`serve`] serves the router.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection {
+    /// The address the client connected to: the listen address, or with
+    /// a wildcard listen, the interface's.
+    pub local: Option<SocketAddr>,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, TcpListener>> for Connection {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
+        Self {
+            local: stream.io().local_addr().ok(),
+            peer: *stream.remote_addr(),
+        }
+    }
+}
+
+/// The checks every request passes before its handler (see the module
+/// documentation): `Host` (421), and for actions under
+/// `/api/`, `Origin` (403) and the token (401).
 pub async fn guard(State(state): State<HttpState>, request: Request, next: Next) -> Response {
+    let connection = request
+        .extensions()
+        .get::<ConnectInfo<Connection>>()
+        .map(|c| c.0);
+    let local = connection.and_then(|c| c.local);
+    let peer = connection.map(|c| c.peer);
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
+    let is_webhook = path == "/webhook";
     let refuse = |code: StatusCode, why: &str, message: String| {
-        tracing::warn!(%method, path = %path, status = code.as_u16(), "HTTP request refused: {why}");
+        tracing::warn!(peer = ?peer, %method, path = %path, status = code.as_u16(), "HTTP request refused: {why}");
         failure(code, message)
     };
 
+    if !is_webhook {
+        match request_host(&request) {
+            Ok(host) if host_is_allowed(host, local) => {}
+            Ok(host) => {
+                return refuse(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "foreign Host",
+                    format!(
+                        "this service does not answer to the Host {:?}: use a loopback address \
+                         (127.0.0.1, [::1], localhost) or the address it listens on \
+                         (a page reaching it under another name may be a DNS rebinding attack)",
+                        host.unwrap_or_default()
+                    ),
+                );
+            }
+            Err(why) => {
+                return refuse(StatusCode::MISDIRECTED_REQUEST, why, why.to_owned());
+            }
+        }
+    }
+
     if path.starts_with("/api/") && !matches!(method, Method::GET | Method::HEAD) {
+        if let Some(origin) = request.headers().get(header::ORIGIN)
+            && !origin.to_str().is_ok_and(|o| origin_is_own(o, local))
+        {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "foreign Origin",
+                format!(
+                    "the Origin {:?} is not this service's own: the API takes actions only from \
+                     the service's own pages and from clients that send no Origin",
+                    String::from_utf8_lossy(origin.as_bytes())
+                ),
+            );
+        }
         let token = state.api_token();
         let presented = request
             .headers()
@@ -336,6 +417,105 @@ pub async fn guard(State(state): State<HttpState>, request: Request, next: Next)
         }
     }
     next.run(request).await
+}
+
+/// The host a request names: an absolute URI's authority (which, by RFC
+/// 9112, wins over `Host`), else the one `Host` header; `None` without
+/// either (HTTP/1.0). Several `Host` headers are an error: which one a
+/// proxy looked at is anyone's guess.
+fn request_host(request: &Request) -> Result<Option<&str>, &'static str> {
+    if let Some(authority) = request.uri().authority() {
+        return Ok(Some(authority.as_str()));
+    }
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) => Ok(None),
+        (Some(host), None) => host
+            .to_str()
+            .map(Some)
+            .map_err(|_| "the Host header is not text"),
+        (Some(_), Some(_)) => Err("more than one Host header"),
+    }
+}
+
+/// Whether a request naming `host` is for this service, which a client
+/// reached on `local`. No `Host` at all is allowed: every browser sends
+/// one, so its absence is no rebinding.
+fn host_is_allowed(host: Option<&str>, local: Option<SocketAddr>) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let Some((name, _port)) = split_authority(host) else {
+        return false;
+    };
+    is_loopback_name(name) || is_local_address(name, local)
+}
+
+/// Whether `origin` is one of the service's own: `http://`, a loopback
+/// host or the address the connection came in on, and that port.
+fn origin_is_own(origin: &str, local: Option<SocketAddr>) -> bool {
+    let Some(local) = local else {
+        return false;
+    };
+    let Some(authority) = origin
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("http://"))
+        .and_then(|_| origin.get(7..))
+    else {
+        return false;
+    };
+    let Some((name, port)) = split_authority(authority) else {
+        return false;
+    };
+    port.unwrap_or(80) == local.port()
+        && (is_loopback_name(name) || is_local_address(name, Some(local)))
+}
+
+/// `host[:port]` or `[v6][:port]` into the host (brackets removed) and
+/// the port; `None` for anything else, such as user information, a path,
+/// or characters no host name has.
+fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    let (name, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?),
+        };
+        v6.parse::<std::net::Ipv6Addr>().ok()?;
+        (v6, port)
+    } else {
+        match authority.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => Some(p.parse().ok()?),
+        Some(_) => return None,
+    };
+    let plausible = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+    plausible.then_some((name, port))
+}
+
+/// `localhost` or a loopback address (`127.0.0.0/8`, `::1`, and
+/// `::ffff:127.x.x.x`).
+fn is_loopback_name(name: &str) -> bool {
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// Whether `name` is the address the client connected to.
+fn is_local_address(name: &str, local: Option<SocketAddr>) -> bool {
+    match (name.parse::<IpAddr>(), local) {
+        (Ok(ip), Some(local)) => ip.to_canonical() == local.ip().to_canonical(),
+        _ => false,
+    }
 }
 
 /// The token of `Authorization: Bearer <token>` (the scheme in any case).
@@ -381,8 +561,11 @@ pub async fn serve(
         tracing::info!(%addr, "HTTP API listening");
     }
     let stopped = shutdown.clone();
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stopped.cancelled().await });
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<Connection>(),
+    )
+    .with_graceful_shutdown(async move { stopped.cancelled().await });
     tokio::select! {
         result = server => result,
         // A client that keeps a request open must not hold up the exit.
@@ -694,7 +877,40 @@ mod tests {
     }
 
     #[test]
-    fn bearer_tokens_are_read_from_the_header() {
+    fn hosts_and_origins_are_the_services_own_or_refused() {
+        let local: SocketAddr = "10.0.0.5:8787".parse().unwrap();
+        assert!(host_is_allowed(None, None));
+        assert!(host_is_allowed(Some("localhost"), None));
+        assert!(host_is_allowed(Some("127.9.9.9:1"), None));
+        assert!(host_is_allowed(Some("[::ffff:127.0.0.1]:1"), None));
+        assert!(host_is_allowed(Some("10.0.0.5:80"), Some(local)));
+        assert!(!host_is_allowed(Some("10.0.0.5"), None));
+        assert!(!host_is_allowed(Some("10.0.0.6:8787"), Some(local)));
+        assert!(!host_is_allowed(Some("evil.example"), Some(local)));
+        for bad in [
+            "[::1",
+            "::1",
+            "[::1]x",
+            "localhost:",
+            "localhost:x",
+            "a b",
+            "u@localhost",
+        ] {
+            assert!(!host_is_allowed(Some(bad), None), "{bad}");
+        }
+
+        assert!(origin_is_own("http://10.0.0.5:8787", Some(local)));
+        assert!(origin_is_own("HTTP://localhost:8787", Some(local)));
+        assert!(origin_is_own("http://[::1]:8787", Some(local)));
+        assert!(!origin_is_own("http://localhost:8787", None));
+        assert!(!origin_is_own("http://10.0.0.5", Some(local)));
+        assert!(!origin_is_own("http://10.0.0.5:8787/", Some(local)));
+        assert!(!origin_is_own("https://10.0.0.5:8787", Some(local)));
+        assert!(!origin_is_own("http://10.0.0.6:8787", Some(local)));
+        assert!(!origin_is_own("http:/", Some(local)));
+        let on_80: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        assert!(origin_is_own("http://127.0.0.1", Some(on_80)));
+
         assert_eq!(bearer("Bearer  abc "), Some("abc"));
         assert_eq!(bearer("bEaReR abc"), Some("abc"));
         assert_eq!(bearer("Bearer"), None);

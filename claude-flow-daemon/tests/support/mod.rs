@@ -104,6 +104,8 @@ impl IssueSource for Counted {
 
 pub struct Service {
     pub base: String,
+    /// Where the server listens.
+    pub addr: std::net::SocketAddr,
     pub http: reqwest::Client,
     pub orchestrator: Arc<Orchestrator>,
     pub store: Arc<MemoryStore>,
@@ -206,7 +208,8 @@ impl Service {
         run: bool,
     ) -> Self {
         let listener = http::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let base = format!("http://{addr}");
         let server_stop = CancellationToken::new();
         let server = tokio::spawn(http::serve(
             listener,
@@ -221,6 +224,7 @@ impl Service {
         });
         Self {
             base,
+            addr,
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
             orchestrator,
             store,
@@ -262,6 +266,44 @@ impl Service {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or_default())
+    }
+
+    /// Sends `head` (the request line and headers, each ending in CRLF)
+    /// and `body` over a new connection, byte for byte as given (so the
+    /// `Host` header is the test's, or absent), and returns the status
+    /// and the body of the answer.
+    pub async fn raw(&self, head: &str, body: &[u8]) -> (u16, String) {
+        self.exchange(head, body.len(), body).await
+    }
+
+    /// Sends `head` announcing a body of `length` bytes, but no body: a
+    /// server that refuses by the announced length answers at once.
+    pub async fn announce(&self, head: &str, length: usize) -> (u16, String) {
+        self.exchange(head, length, b"").await
+    }
+
+    async fn exchange(&self, head: &str, length: usize, body: &[u8]) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let request = format!("{head}Connection: close\r\nContent-Length: {length}\r\n\r\n");
+        let mut bytes = request.into_bytes();
+        bytes.extend_from_slice(body);
+        // A server refusing a large body may answer and close before it
+        // has all of it: the answer is what counts.
+        let _ = stream.write_all(&bytes).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        (status, body)
     }
 
     /// Posts a webhook delivery; `signature`: `None` for none, else the
