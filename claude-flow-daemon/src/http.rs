@@ -33,8 +33,6 @@
 //!   actions get 200 with the reason they were ignored, which GitHub shows
 //!   in the hook's delivery log.
 //!
-//! Request bodies are limited to [`BODY_LIMIT`] (413 beyond it).
-//!
 //! Before any of that, every request passes [`guard`]'s checks, which
 //! keep a web page the operator happens to visit from driving the API
 //! through the operator's browser:
@@ -45,6 +43,9 @@
 //!   wildcard listen, the interface's): else 421. A DNS-rebound page
 //!   reaches the service under its own host name, so this stops it. Not
 //!   on `/webhook`: GitHub sends the public name, and the HMAC decides.
+//! - Bodies: [`WEBHOOK_BODY_LIMIT`] on `/webhook`, [`BODY_LIMIT`] elsewhere
+//!   (413 beyond, refused by the announced length before anything is
+//!   read).
 //! - Every `POST` (any method but `GET`/`HEAD`) under `/api/`: an `Origin`
 //!   header, when present, must be the service's own (`http://` and the
 //!   port the connection came in on, with a loopback host or the address
@@ -68,8 +69,8 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -87,11 +88,17 @@ use sha2::Sha256;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Largest request body accepted. GitHub allows payloads of up to 25 MB,
-/// but the only events acted on (`issues`, `ping`) are small: an issue's
-/// body is at most 65,536 characters. A larger delivery gets 413, which
-/// GitHub records as a failed delivery of an event we would ignore anyway.
-pub const BODY_LIMIT: usize = 1024 * 1024;
+/// Largest request body accepted anywhere but `/webhook`. Nothing else
+/// takes a body; a little is tolerated for clients that always send one
+/// (`{}`).
+pub const BODY_LIMIT: usize = 1024;
+
+/// Largest body accepted on `/webhook`: GitHub's own cap on a payload (25
+/// MB), so that every delivery of the events a hook may be set up for is
+/// read and answered (a `push` can be large), not recorded by GitHub as a
+/// failure. Only a request with a valid-looking signature header is read
+/// at all, and a body is held only until its HMAC is checked.
+pub const WEBHOOK_BODY_LIMIT: usize = 25 * 1024 * 1024;
 
 /// Polls failing in a row that make `/healthz` answer 503.
 pub const FAILED_POLLS_UNHEALTHY: u32 = 3;
@@ -309,7 +316,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/issues/{owner}/{repo}/{number}/retry", post(retry))
         .route("/api/issues/{owner}/{repo}/{number}/cancel", post(cancel))
         .route("/api/resume", post(resume))
-        .route("/webhook", post(webhook))
+        .route(
+            "/webhook",
+            post(webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
+        )
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         // Outermost, so that it sees every request, unknown paths too.
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -337,7 +347,7 @@ impl Connected<axum::serve::IncomingStream<'_, TcpListener>> for Connection {
 }
 
 /// The checks every request passes before its handler (see the module
-/// documentation): `Host` (421), and for actions under
+/// documentation): `Host` (421), body size (413), and for actions under
 /// `/api/`, `Origin` (403) and the token (401).
 pub async fn guard(State(state): State<HttpState>, request: Request, next: Next) -> Response {
     let connection = request
@@ -373,6 +383,24 @@ pub async fn guard(State(state): State<HttpState>, request: Request, next: Next)
                 return refuse(StatusCode::MISDIRECTED_REQUEST, why, why.to_owned());
             }
         }
+    }
+
+    let limit = if is_webhook {
+        WEBHOOK_BODY_LIMIT
+    } else {
+        BODY_LIMIT
+    };
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body too large",
+            format!("request bodies here are limited to {limit} bytes"),
+        );
     }
 
     if path.starts_with("/api/") && !matches!(method, Method::GET | Method::HEAD) {
@@ -759,15 +787,26 @@ impl WebhookAnswer {
     }
 }
 
-async fn webhook(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn webhook(State(state): State<HttpState>, request: Request) -> Response {
     let Some(config) = state.webhook() else {
         return failure(
             StatusCode::NOT_FOUND,
             "webhooks are not enabled: github.webhook_secret is not set",
         );
     };
+    let headers = request.headers().clone();
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let delivery = text("x-github-delivery").unwrap_or("-");
+    // An unsigned delivery is refused before its body is read: up to
+    // WEBHOOK_BODY_LIMIT bytes anyone could send.
+    let body = if headers.contains_key("x-hub-signature-256") {
+        match Bytes::from_request(request, &()).await {
+            Ok(body) => body,
+            Err(rejection) => return rejection.into_response(),
+        }
+    } else {
+        Bytes::new()
+    };
     // First, before anything looks at the body.
     if !signature_is_valid(
         config.secret.expose().as_bytes(),

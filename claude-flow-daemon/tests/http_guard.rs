@@ -1,6 +1,6 @@
 //! What keeps a web page from driving the HTTP API (issue 9): the API
-//! token, the `Host` check against DNS rebinding and the `Origin` check.
-//! Each request here is one a browser could send on behalf
+//! token, the `Host` check against DNS rebinding, the `Origin` check, and
+//! body limits. Each request here is one a browser could send on behalf
 //! of a page the operator visits.
 
 #![allow(clippy::unwrap_used)] // a panic in a test is a failed assertion
@@ -10,7 +10,10 @@ mod support;
 use std::sync::Arc;
 
 use claude_flow_core::{IssueStatus, MemorySource};
-use support::{API_TOKEN, Behaviour, Counted, Options, SECRET, Service, issue, sign};
+use support::{
+    API_TOKEN, Behaviour, Counted, Options, REPO, SECRET, Service, TRIGGER, issue, issues_delivery,
+    sign,
+};
 
 fn counted(issues: impl IntoIterator<Item = claude_flow_core::Issue>) -> Arc<Counted> {
     Arc::new(Counted {
@@ -306,4 +309,59 @@ async fn a_post_to_the_api_from_another_origin_gets_403() {
             .get("access-control-allow-origin")
             .is_none()
     );
+}
+
+#[tokio::test]
+async fn request_bodies_are_limited_on_every_endpoint() {
+    let mut options = Options::new(counted([]));
+    options.webhook = true;
+    let service = Service::start(options).await;
+    let port = service.addr.port();
+    let host = format!("Host: 127.0.0.1:{port}\r\n");
+    let token = format!("Authorization: {}\r\n", bearer());
+    // The API takes no body; a small one is tolerated.
+    let (code, body) = service
+        .raw(
+            &format!("POST /api/resume HTTP/1.1\r\n{host}{token}"),
+            b"{}",
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let big = vec![b'x'; 64 * 1024];
+    for (method, path) in [
+        ("POST", "/api/resume"),
+        ("POST", "/api/issues/acme/widgets/1/cancel"),
+        ("GET", "/api/issues"),
+        ("GET", "/healthz"),
+        ("GET", "/metrics"),
+    ] {
+        let (code, body) = service
+            .raw(&format!("{method} {path} HTTP/1.1\r\n{host}{token}"), &big)
+            .await;
+        assert_eq!(code, 413, "{method} {path}: {body}");
+    }
+    // GitHub's payloads go up to 25 MB; a large delivery is still read,
+    // checked and answered.
+    let mut push = br#"{"ref":"refs/heads/main","padding":""#.to_vec();
+    push.extend(std::iter::repeat_n(b'a', 3 * 1024 * 1024));
+    push.extend(br#""}"#);
+    let (code, answer) = service
+        .deliver("push", &push, Some(sign(SECRET, &push)))
+        .await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["result"], "ignored");
+    let labeled = issues_delivery("labeled", REPO, 1, TRIGGER);
+    let (code, _) = service
+        .deliver("issues", &labeled, Some(sign(SECRET, &labeled)))
+        .await;
+    assert_eq!(code, 202);
+    // Beyond the limit, the announced length alone is enough to refuse.
+    let limit = claude_flow_daemon::http::WEBHOOK_BODY_LIMIT;
+    let (code, _) = service
+        .announce(
+            &format!("POST /webhook HTTP/1.1\r\n{host}X-GitHub-Event: issues\r\n"),
+            limit + 1,
+        )
+        .await;
+    assert_eq!(code, 413);
 }
