@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use clap::CommandFactory;
+use claude_flow_core::api::token::ApiToken;
 use claude_flow_core::api::{ApiClient, ApiError, Health, Resumed};
 use claude_flow_core::config::Config;
 use claude_flow_core::{
@@ -123,6 +124,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             // a local.dir that does not exist.
             app::issue_source(&config)?;
             app::subprocess_settings(&config)?;
+            config.api_token().map_err(Error::from)?;
             println!("{}: configuration OK", cli.config.display());
             Ok(())
         }
@@ -593,7 +595,7 @@ async fn change(config: &Config, arg: &IssueArg, change: Change) -> Result<(), F
     if let Some(pid) = FileStore::lock_holder(&config.service.state_dir)
         && !config.service.listen.is_empty()
     {
-        let client = ApiClient::for_listen(&config.service.listen).map_err(Error::from)?;
+        let client = operator_client(config)?;
         let summary = match change {
             Change::Retry => client.retry(&key).await,
             Change::Cancel => client.cancel(&key).await,
@@ -632,7 +634,7 @@ async fn resume(config: &Config) -> Result<(), Failure> {
     if let Some(pid) = FileStore::lock_holder(&config.service.state_dir)
         && !config.service.listen.is_empty()
     {
-        let client = ApiClient::for_listen(&config.service.listen).map_err(Error::from)?;
+        let client = operator_client(config)?;
         let resumed = client.resume().await.map_err(|e| api_failure(pid, e))?;
         println!("{}", resumed.describe());
         return Ok(());
@@ -647,6 +649,16 @@ async fn resume(config: &Config) -> Result<(), Failure> {
     };
     println!("{}", resumed.describe());
     Ok(())
+}
+
+/// A client of the running service's API that may take actions: with the
+/// API token (from the configuration, else the service's
+/// `<state_dir>/api-token`), or an error saying how to get it.
+fn operator_client(config: &Config) -> Result<ApiClient, Failure> {
+    let token = ApiToken::for_client(config).map_err(Error::from)?;
+    Ok(ApiClient::for_listen(&config.service.listen)
+        .map_err(Error::from)?
+        .with_token(token.secret().clone()))
 }
 
 /// The state store with its lock, for a change made with no service

@@ -178,3 +178,37 @@ fn a_misspelt_log_level_and_a_backoff_cap_below_its_base_are_refused() {
     f.config(json!({"service": {"retry_backoff": "10m", "retry_backoff_max": "1m"}}));
     assert_78(&f, "service.retry_backoff_max");
 }
+
+#[test]
+fn listening_beyond_loopback_without_an_api_token_is_refused() {
+    let f = Fixture::new();
+    f.workflow("echo hi");
+    f.config(json!({"service": {"listen": "0.0.0.0:8787"}}));
+    assert_78(&f, "service.listen: ");
+    f.cli()
+        .args(["status"])
+        .assert()
+        .code(78)
+        .stderr(contains("service.api_token"));
+    f.config(json!({"service": {"listen": "0.0.0.0:8787", "api_token_file": "api-token.txt"}}));
+    std::fs::write(f.path("api-token.txt"), "from-a-file\n").unwrap();
+    f.cli().args(["config", "check"]).assert().success();
+}
+
+#[test]
+fn config_check_reads_the_api_token_file_and_config_show_hides_the_token() {
+    let f = Fixture::new();
+    f.workflow("echo hi");
+    f.config(json!({"service": {"api_token_file": "missing-token"}}));
+    f.cli()
+        .args(["config", "check"])
+        .assert()
+        .code(78)
+        .stderr(contains("service.api_token_file: cannot read"));
+    f.config(json!({"service": {"api_token": "s3cr3t-api-t0ken"}}));
+    let out = f.cli().args(["config", "show"]).output().unwrap();
+    assert!(out.status.success());
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(!shown.contains("s3cr3t-api-t0ken"), "{shown}");
+    assert!(shown.contains(r#""api_token": "[redacted]""#), "{shown}");
+}

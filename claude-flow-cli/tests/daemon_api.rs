@@ -54,6 +54,30 @@ async fn status_and_cancel_go_through_the_running_service() {
     );
     assert!(text.contains("health:  ok"), "{text}");
 
+    // The service wrote its API token for the CLI, readable by its user only.
+    let token_file = f.path("state/api-token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let token = token.trim();
+    assert!(
+        token.len() >= 32 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "not a 128-bit hex token: {} characters",
+        token.len()
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    // Without it, the API refuses.
+    let refused = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("http://{listen}/api/issues/local/issues/1/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+
     let mut cancel = f.cli_process(&["cancel", "1"]);
     let out = tokio::task::spawn_blocking(move || cancel.output())
         .await
@@ -64,6 +88,8 @@ async fn status_and_cancel_go_through_the_running_service() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(token));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(token));
     let mut watch = handle.orchestrator().subscribe_status();
     tokio::time::timeout(common::PATIENCE, watch.wait_for(|s| s.running.is_empty()))
         .await

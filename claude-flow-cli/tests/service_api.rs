@@ -8,17 +8,33 @@ mod common;
 
 use common::Fixture;
 use serde_json::{Value, json};
-use wiremock::matchers::{any, method, path};
+use wiremock::matchers::{any, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+/// The token the stand-in's service wrote to `<state_dir>/api-token`.
+const TOKEN: &str = "5f0c2a9e81d34b7a9c6e0f1d2b3a4c5d";
+
 /// A fixture whose state directory says a service runs (this test's own
-/// PID is alive), with `service.listen` set to `listen`.
+/// PID is alive), with `service.listen` set to `listen`, and the API
+/// token that service wrote at start.
 fn with_running_service(listen: &str) -> Fixture {
+    use std::os::unix::fs::OpenOptionsExt;
     let fixture = Fixture::new();
     fixture.config(json!({"service": {"listen": listen}}));
     std::fs::create_dir_all(fixture.path("state")).unwrap();
     std::fs::write(fixture.path("state/lock"), std::process::id().to_string()).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(fixture.path("state/api-token"))
+        .unwrap();
+    std::io::Write::write_all(&mut file, format!("{TOKEN}\n").as_bytes()).unwrap();
     fixture
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
 }
 
 /// A stand-in for the service that fails the test on any request it was
@@ -62,18 +78,21 @@ async fn retry_and_cancel_ask_the_running_service() {
     let server = fake_service().await;
     Mock::given(method("POST"))
         .and(path("/api/issues/local/issues/1/retry"))
+        .and(header("authorization", bearer(TOKEN).as_str()))
         .respond_with(ResponseTemplate::new(200).set_body_json(summary("queued", 2)))
         .expect(1)
         .mount(&server)
         .await;
     Mock::given(method("POST"))
         .and(path("/api/issues/local/issues/1/cancel"))
+        .and(header("authorization", bearer(TOKEN).as_str()))
         .respond_with(ResponseTemplate::new(200).set_body_json(summary("running", 1)))
         .expect(1)
         .mount(&server)
         .await;
     Mock::given(method("POST"))
         .and(path("/api/issues/local/issues/2/cancel"))
+        .and(header("authorization", bearer(TOKEN).as_str()))
         .respond_with(
             ResponseTemplate::new(409)
                 .set_body_json(json!({"error": "local/issues#2 is already done"})),
@@ -199,6 +218,7 @@ async fn resume_asks_the_running_service() {
     let server = fake_service().await;
     Mock::given(method("POST"))
         .and(path("/api/resume"))
+        .and(header("authorization", bearer(TOKEN).as_str()))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({
             "lifted_until": "2026-11-21T11:00:00.5Z",
             "pause_reason": "quota",
@@ -209,6 +229,7 @@ async fn resume_asks_the_running_service() {
         .await;
     Mock::given(method("POST"))
         .and(path("/api/resume"))
+        .and(header("authorization", bearer(TOKEN).as_str()))
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_json(json!({"lifted_until": null, "pause_reason": null})),
@@ -323,4 +344,143 @@ async fn without_a_running_service_the_state_store_is_used() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "not paused\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_api_token_wins_over_the_state_directorys() {
+    let server = fake_service().await;
+    Mock::given(method("POST"))
+        .and(path("/api/resume"))
+        .and(header("authorization", "Bearer configured-token-42"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"lifted_until": null, "pause_reason": null})),
+        )
+        .expect(2)
+        .mount(&server)
+        .await;
+    let fixture = with_running_service(&listen_of(&server));
+    fixture.config(
+        json!({"service": {"listen": listen_of(&server), "api_token": "configured-token-42"}}),
+    );
+    let out = cli(&fixture, &["resume"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The file, relative to the configuration's folder.
+    std::fs::write(fixture.path("api.token"), "configured-token-42\n").unwrap();
+    fixture
+        .config(json!({"service": {"listen": listen_of(&server), "api_token_file": "api.token"}}));
+    let out = cli(&fixture, &["resume"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether this test runs as root (then it can run the CLI as another user).
+fn running_as_root(fixture: &Fixture) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(fixture.path("config.json"))
+        .unwrap()
+        .uid()
+        == 0
+}
+
+/// `claude-flow <args>` as a user who cannot read the service's 0600
+/// token file: `nobody` when the test runs as root, else this user with
+/// the file's permissions taken away.
+async fn cli_without_the_token(fixture: &Fixture, args: &[&str]) -> std::process::Output {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = fixture.cli_process(args);
+    if running_as_root(fixture) {
+        // nobody must still read the configuration and the state.
+        for (rel, mode) in [
+            ("", 0o755),
+            ("config.json", 0o644),
+            ("issues", 0o755),
+            ("state", 0o755),
+            ("state/lock", 0o644),
+        ] {
+            std::fs::set_permissions(fixture.path(rel), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        }
+        cmd.uid(65534).gid(65534);
+    } else {
+        std::fs::set_permissions(
+            fixture.path("state/api-token"),
+            std::fs::Permissions::from_mode(0o000),
+        )
+        .unwrap();
+    }
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_user_cannot_read_is_explained_and_status_still_works() {
+    let server = fake_service().await;
+    Mock::given(method("GET"))
+        .and(path("/healthz"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "status": "ok",
+            "version": "0.1.0",
+            "last_poll": null,
+            "running": [],
+            "running_count": 0,
+            "paused_until": null,
+            "stopping": false,
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let fixture = with_running_service(&listen_of(&server));
+    for args in [&["retry", "1"][..], &["cancel", "1"], &["resume"]] {
+        let out = cli_without_the_token(&fixture, args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let file = fixture.path("state/api-token");
+        for needle in [
+            "cannot read the HTTP API's token",
+            &file.display().to_string(),
+            "ermission denied",
+            "as the service's user or as root",
+            "service.api_token_file",
+        ] {
+            assert!(
+                stderr.contains(needle),
+                "{args:?}: no {needle:?} in {stderr}"
+            );
+        }
+        assert!(!stderr.contains(TOKEN));
+    }
+    // Reading needs no token.
+    let out = cli_without_the_token(&fixture, &["status"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("health:  ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_token_file_is_explained() {
+    let server = fake_service().await;
+    let fixture = with_running_service(&listen_of(&server));
+    std::fs::remove_file(fixture.path("state/api-token")).unwrap();
+    let out = cli(&fixture, &["cancel", "1"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read the HTTP API's token")
+            && stderr.contains("state/api-token")
+            && stderr.contains("service.api_token"),
+        "{stderr}"
+    );
 }

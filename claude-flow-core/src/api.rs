@@ -7,9 +7,12 @@
 //! `GET /metrics`, `GET /api/issues` (a list of [`IssueSummary`]),
 //! `POST /api/issues/<owner>/<repo>/<n>/retry|cancel` (an [`IssueSummary`]),
 //! `POST /api/resume` ([`Resumed`]), `POST /webhook`. Errors come as
-//! [`ErrorBody`].
+//! [`ErrorBody`]. The `POST`s need the API's [`token`].
+
+pub mod token;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::issue::IssueKey;
 use crate::orchestrator::{PollResult, RunningAttempt};
 use crate::record::IssueSummary;
+use crate::secret::Secret;
 
 /// `GET /healthz`: whether the service is healthy, and what it is doing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +138,27 @@ pub enum ApiError {
         /// What is wrong with it.
         message: String,
     },
+    /// The API's token cannot be read ([`token::ApiToken::for_client`]):
+    /// typically the service's 0600 file, read by another user.
+    #[error(
+        "cannot read the HTTP API's token {}{}: {reason}. Run this command as the service's user or as root, or {}",
+        path.display(),
+        if *generated { "" } else { " (service.api_token_file)" },
+        if *generated {
+            "set service.api_token_file (for the service and this command) to a file you can read"
+        } else {
+            "make service.api_token_file readable to you"
+        }
+    )]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// Whether it is the file the service generates (else the one
+        /// `service.api_token_file` names).
+        generated: bool,
+        /// Why it cannot be read.
+        reason: String,
+    },
 }
 
 /// A client of a running service's HTTP API.
@@ -141,6 +166,8 @@ pub enum ApiError {
 pub struct ApiClient {
     base: reqwest::Url,
     http: reqwest::Client,
+    /// Sent with every `POST` (the reads need none).
+    token: Option<Secret>,
 }
 
 impl ApiClient {
@@ -178,7 +205,18 @@ impl ApiClient {
                 url: base.to_string(),
                 message: e.to_string(),
             })?;
-        Ok(Self { base, http })
+        Ok(Self {
+            base,
+            http,
+            token: None,
+        })
+    }
+
+    /// Sends `token` as `Authorization: Bearer` with each `POST` (retry,
+    /// cancel, resume); see [`token::ApiToken::for_client`].
+    pub fn with_token(mut self, token: Secret) -> Self {
+        self.token = Some(token);
+        self
     }
 
     /// The API's base URL, `http://<listen>/`.
@@ -217,7 +255,7 @@ impl ApiClient {
     /// `POST /api/resume`: ends the service's quota pause, if it has one.
     pub async fn resume(&self) -> Result<Resumed, ApiError> {
         let url = self.url(&["api", "resume"]);
-        let response = self.send(self.http.post(url.clone()), &url).await?;
+        let response = self.send(self.post(&url), &url).await?;
         expect_success(response, &url).await
     }
 
@@ -231,8 +269,18 @@ impl ApiClient {
             &number,
             verb,
         ]);
-        let response = self.send(self.http.post(url.clone()), &url).await?;
+        let response = self.send(self.post(&url), &url).await?;
         expect_success(response, &url).await
+    }
+
+    /// A `POST` with the token, when there is one. reqwest marks the
+    /// header sensitive, so it is not shown in its debug output either.
+    fn post(&self, url: &reqwest::Url) -> reqwest::RequestBuilder {
+        let request = self.http.post(url.clone());
+        match &self.token {
+            Some(token) => request.bearer_auth(token.expose()),
+            None => request,
+        }
     }
 
     /// The base URL with these path segments, each percent-encoded.

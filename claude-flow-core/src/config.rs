@@ -222,6 +222,11 @@ pub struct ServiceConfig {
     /// which an attempt fails its round instead of running again.
     #[serde(deserialize_with = "lenient::u32")]
     pub max_interruptions: u32,
+    /// The HTTP API's token for its operator endpoints; see also
+    /// `api_token_file`. Without either, the daemon makes one at start.
+    pub api_token: Option<Secret>,
+    /// A file holding the HTTP API's token.
+    pub api_token_file: Option<PathBuf>,
 }
 
 impl Default for ServiceConfig {
@@ -240,6 +245,8 @@ impl Default for ServiceConfig {
             shutdown_grace: Duration::from_secs(30),
             max_pause: Duration::from_secs(6 * 3600),
             max_interruptions: 3,
+            api_token: None,
+            api_token_file: None,
         }
     }
 }
@@ -354,25 +361,27 @@ impl Config {
             return Ok(Some(token.clone()));
         }
         if let Some(file) = &self.github.token_file {
-            let text = std::fs::read_to_string(file).map_err(|e| {
-                ConfigError::key(
-                    "github.token_file",
-                    format!("cannot read {}: {e}", file.display()),
-                )
-            })?;
-            let token = text.trim();
-            if token.is_empty() {
-                return Err(ConfigError::key(
-                    "github.token_file",
-                    format!("{} is empty", file.display()),
-                ));
-            }
-            return Ok(Some(Secret::new(token)));
+            return read_secret_file("github.token_file", file).map(Some);
         }
         Ok(std::env::var("GITHUB_TOKEN")
             .ok()
             .filter(|t| !t.is_empty())
             .map(Secret::new))
+    }
+
+    /// The HTTP API's token when the configuration sets one:
+    /// `service.api_token`, else the contents of `service.api_token_file`
+    /// (read now, trimmed). `None`: the daemon makes its own at start
+    /// (`api::token`).
+    pub fn api_token(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(token) = &self.service.api_token {
+            return Ok(Some(token.clone()));
+        }
+        self.service
+            .api_token_file
+            .as_deref()
+            .map(|file| read_secret_file("service.api_token_file", file))
+            .transpose()
     }
 
     /// The configuration as `config show` prints it: effective values,
@@ -400,7 +409,13 @@ impl Config {
         if let Some(d) = &mut self.local.dir {
             abs(d);
         }
-        if let Some(f) = &mut self.github.token_file {
+        for f in [
+            &mut self.github.token_file,
+            &mut self.service.api_token_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
             abs(f);
         }
         abs(&mut self.service.state_dir);
@@ -490,13 +505,15 @@ impl Config {
                 return Err(ConfigError::key(key, "must be at least 1"));
             }
         }
-        if !self.service.listen.is_empty() && self.service.listen.parse::<SocketAddr>().is_err() {
+        if self
+            .service
+            .api_token
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().is_empty())
+        {
             return Err(ConfigError::key(
-                "service.listen",
-                format!(
-                    "{:?} is not an address such as \"127.0.0.1:8787\" (\"\" disables HTTP)",
-                    self.service.listen
-                ),
+                "service.api_token",
+                "must not be empty (leave it out to have the daemon make a token)",
             ));
         }
         if self.service.retry_backoff_max < self.service.retry_backoff {
@@ -523,6 +540,32 @@ impl Config {
                 ),
             ));
         }
+        if !self.service.listen.is_empty() {
+            let Ok(addr) = self.service.listen.parse::<SocketAddr>() else {
+                return Err(ConfigError::key(
+                    "service.listen",
+                    format!(
+                        "{:?} is not an address such as \"127.0.0.1:8787\" (\"\" disables HTTP)",
+                        self.service.listen
+                    ),
+                ));
+            };
+            // The generated token suits one machine; anything reachable
+            // from elsewhere gets a token its operator chose and keeps.
+            let explicit_token =
+                self.service.api_token.is_some() || self.service.api_token_file.is_some();
+            if !addr.ip().to_canonical().is_loopback() && !explicit_token {
+                return Err(ConfigError::key(
+                    "service.listen",
+                    format!(
+                        "{:?} is reachable from other machines, so the HTTP API needs a token \
+                         of your own: set service.api_token_file (or service.api_token) to a \
+                         long random secret, or listen on 127.0.0.1",
+                        self.service.listen
+                    ),
+                ));
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::key(
                 "log.level",
@@ -531,6 +574,21 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A secret kept in a file (`github.token_file`, `service.api_token_file`):
+/// its contents, trimmed; unreadable or empty is an error naming `key`.
+fn read_secret_file(key: &str, file: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::key(key, format!("cannot read {}: {e}", file.display())))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(ConfigError::key(
+            key,
+            format!("{} is empty", file.display()),
+        ));
+    }
+    Ok(Secret::new(token))
 }
 
 /// Whether an environment variable's name says it holds a secret.
@@ -874,6 +932,88 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_api_token_keys_are_secrets_read_like_the_github_token() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("api-token.txt"), "  from-a-file\n").unwrap();
+        let with_file = MINIMAL.replace(
+            "\"workflow\"",
+            "\"service\": {\"api_token_file\": \"api-token.txt\"}, \"workflow\"",
+        );
+        let c = Config::parse(&with_file, dir.path(), Vec::new()).unwrap();
+        assert_eq!(
+            c.service.api_token_file.as_deref(),
+            Some(dir.path().join("api-token.txt").as_path())
+        );
+        let token = c.api_token().unwrap().unwrap();
+        assert_eq!(token.expose(), "from-a-file");
+
+        // The key wins over the file, as github.token does.
+        let c = Config::parse(
+            &with_file,
+            dir.path(),
+            [(
+                "CLAUDE_FLOW_SERVICE__API_TOKEN".to_owned(),
+                "s3cr3t-t0ken".to_owned(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.api_token().unwrap().unwrap().expose(), "s3cr3t-t0ken");
+        let shown = c.to_redacted_json();
+        assert_eq!(shown["service"]["api_token"], "[redacted]");
+        assert!(!shown.to_string().contains("s3cr3t-t0ken"), "{shown}");
+        assert!(!format!("{c:?}").contains("s3cr3t-t0ken"));
+
+        std::fs::write(dir.path().join("api-token.txt"), "\n").unwrap();
+        let c = Config::parse(&with_file, dir.path(), Vec::new()).unwrap();
+        let e = c.api_token().unwrap_err().to_string();
+        assert!(e.starts_with("service.api_token_file: "), "{e}");
+        assert!(e.contains("is empty"), "{e}");
+        std::fs::remove_file(dir.path().join("api-token.txt")).unwrap();
+        let e = c.api_token().unwrap_err().to_string();
+        assert!(e.starts_with("service.api_token_file: cannot read "), "{e}");
+
+        assert_eq!(parse(MINIMAL, &[]).unwrap().api_token().unwrap(), None);
+        let e = err(MINIMAL, &[("CLAUDE_FLOW_SERVICE__API_TOKEN", "")]);
+        assert!(e.starts_with("service.api_token: "), "{e}");
+    }
+
+    #[test]
+    fn listening_beyond_loopback_needs_an_explicit_api_token() {
+        let listen = |addr: &str, token: &[(&str, &str)]| {
+            let text = MINIMAL.replace(
+                "\"workflow\"",
+                &format!("\"service\": {{\"listen\": {addr:?}}}, \"workflow\""),
+            );
+            parse(&text, token)
+        };
+        for addr in [
+            "0.0.0.0:8787",
+            "[::]:8787",
+            "192.168.1.5:80",
+            "[2001:db8::1]:80",
+        ] {
+            let e = listen(addr, &[]).unwrap_err().to_string();
+            assert!(e.starts_with("service.listen: "), "{addr}: {e}");
+            assert!(e.contains("service.api_token"), "{addr}: {e}");
+            assert!(
+                listen(addr, &[("CLAUDE_FLOW_SERVICE__API_TOKEN", "t")]).is_ok(),
+                "{addr}"
+            );
+            assert!(
+                listen(
+                    addr,
+                    &[("CLAUDE_FLOW_SERVICE__API_TOKEN_FILE", "/etc/cf/t")]
+                )
+                .is_ok(),
+                "{addr}"
+            );
+        }
+        for addr in ["127.0.0.1:8787", "127.0.0.2:1", "[::1]:8787", ""] {
+            assert!(listen(addr, &[]).is_ok(), "{addr}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use claude_flow_core::api::token::{self, ApiToken, TokenSource};
 use claude_flow_core::logging::{self, LogHandle};
 use claude_flow_core::{
     Config, Error, FileStore, Orchestrator, Settings, StateStore, Status, SubprocessRunner, app,
@@ -33,7 +34,9 @@ impl DaemonBuilder {
     }
 
     /// Loads the configuration, takes the state directory's lock (a second
-    /// instance fails with exit code 75) and writes the PID file.
+    /// instance fails with exit code 75), writes the PID file, and with an
+    /// HTTP API, settles its token (generating `<state_dir>/api-token`
+    /// unless the configuration sets one).
     pub fn build(self) -> Result<Daemon, Error> {
         let config = Config::load(&self.config_path)?;
         let log = if self.init_logging {
@@ -48,6 +51,13 @@ impl DaemonBuilder {
             .as_deref()
             .map(PidFile::create)
             .transpose()?;
+        // Only now, with the lock held: a second instance, refused above,
+        // must not replace the running one's token.
+        let api_token = if config.service.listen.is_empty() {
+            None
+        } else {
+            Some(ApiToken::for_service(&config)?)
+        };
         Ok(Daemon {
             orchestrator: Arc::new(orchestrator),
             store,
@@ -56,6 +66,7 @@ impl DaemonBuilder {
                 path: self.config_path,
                 current: config,
                 log,
+                api_token,
             },
         })
     }
@@ -100,6 +111,9 @@ impl Daemon {
             let store: Arc<dyn StateStore> = self.store.clone();
             let mut state = HttpState::new(Arc::clone(&self.orchestrator), store)
                 .with_webhook(WebhookConfig::from_config(config));
+            if let Some(token) = &self.reloader.api_token {
+                state = state.with_api_token(token.clone());
+            }
             if let Some(metrics) = metrics() {
                 state = state.with_metrics(metrics.clone());
                 tokio::spawn(http::metrics_upkeep(metrics, stopped.clone()));
@@ -286,8 +300,9 @@ impl DaemonHandle {
     }
 
     /// Re-reads the configuration file. Poll interval, concurrency, retry
-    /// policy, labels, the workflow and the log level take effect without
-    /// touching running workflows. An invalid file is refused (logged,
+    /// policy, labels, the workflow, the log level, the webhook secret and
+    /// the API token (`service.api_token_file` is read again) take effect
+    /// without touching running workflows. An invalid file is refused (logged,
     /// and returned) and the running configuration stays.
     pub fn reload(&self) -> Result<(), Error> {
         if let Some(notifier) = &self.inner.notifier {
@@ -303,6 +318,7 @@ impl DaemonHandle {
             Ok(()) => {
                 if let Some(http) = &self.inner.http {
                     http.set_webhook(WebhookConfig::from_config(&reloader.current));
+                    http.set_api_token(reloader.api_token.clone());
                 }
             }
             Err(e) => {
@@ -355,6 +371,8 @@ struct Reloader {
     path: PathBuf,
     current: Config,
     log: Option<LogHandle>,
+    /// The HTTP API's token; `None` without an HTTP API.
+    api_token: Option<ApiToken>,
 }
 
 impl Reloader {
@@ -382,6 +400,11 @@ impl Reloader {
             log.set_level(&new.log.level)
                 .map_err(|reason| claude_flow_core::ConfigError::key("log.level", reason))?;
         }
+        let api_token = match &self.api_token {
+            // No HTTP API: service.listen needs a restart anyway.
+            None => None,
+            Some(current) => Some(self.next_api_token(&new, current)?),
+        };
         orchestrator.update_settings(Settings::from_config(&new.service));
         if let Some(source) = source {
             orchestrator.set_source(source);
@@ -394,7 +417,28 @@ impl Reloader {
         }
         tracing::info!(config = %self.path.display(), "configuration reloaded");
         self.current = new;
+        if api_token.is_some() {
+            self.api_token = api_token;
+        }
         Ok(())
+    }
+
+    /// The API token under the `new` configuration: the one it sets (its
+    /// file read again, so that a rotated token takes effect), else the
+    /// generated one, kept if it is already in use and made now if a
+    /// configured one was.
+    fn next_api_token(&self, new: &Config, current: &ApiToken) -> Result<ApiToken, Error> {
+        if let Some(configured) = ApiToken::configured(new)? {
+            if matches!(current.source(), TokenSource::Generated(_)) {
+                // The state directory is the running one (a restart-only key).
+                token::remove_generated(&self.current.service.state_dir);
+            }
+            return Ok(configured);
+        }
+        match current.source() {
+            TokenSource::Generated(_) => Ok(current.clone()),
+            _ => Ok(token::write_generated(&self.current.service.state_dir)?),
+        }
     }
 }
 

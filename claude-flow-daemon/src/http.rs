@@ -33,23 +33,48 @@
 //!   actions get 200 with the reason they were ignored, which GitHub shows
 //!   in the hook's delivery log.
 //!
-//! Request bodies are limited to [`BODY_LIMIT`] (413 beyond it).
+//! Before any of that, every request passes [`guard`]'s checks, which
+//! keep a web page the operator happens to visit from driving the API
+//! through the operator's browser:
 //!
-//! The API has no authentication of its own: `service.listen` defaults to
-//! loopback; put anything wider behind a proxy that authenticates.
-//! Webhooks carry their own signature.
+//! - `Host` (or an absolute request URI's authority) must be a loopback
+//!   name or address (`localhost`, `127.0.0.0/8`, `[::1]`, any port) or the
+//!   address the connection came in on (the listen address; with a
+//!   wildcard listen, the interface's): else 421. A DNS-rebound page
+//!   reaches the service under its own host name, so this stops it. Not
+//!   on `/webhook`: GitHub sends the public name, and the HMAC decides.
+//! - Bodies: [`WEBHOOK_BODY_LIMIT`] on `/webhook`, [`BODY_LIMIT`] elsewhere
+//!   (413 beyond, refused by the announced length before anything is
+//!   read).
+//! - Every `POST` (any method but `GET`/`HEAD`) under `/api/`: an `Origin`
+//!   header, when present, must be the service's own (`http://` and the
+//!   port the connection came in on, with a loopback host or the address
+//!   itself), else 403, since a page elsewhere may still send a simple
+//!   `POST` with no body; and `Authorization: Bearer <token>` must carry
+//!   the API token ([`ApiToken`]), compared in constant time, else 401
+//!   with a body saying where the token is.
+//!
+//! Reads (`/healthz`, `/metrics`, `GET /api/issues`) need no token: a page
+//! elsewhere cannot read their answers (no CORS headers are ever sent),
+//! and the `Host` check stops rebinding. Webhooks carry their own
+//! signature.
 
 use std::io;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use claude_flow_core::api::token::ApiToken;
 use claude_flow_core::api::{ErrorBody, Health};
 use claude_flow_core::config::Config;
 use claude_flow_core::issue_source::{WebhookEvent, parse_github_webhook};
@@ -63,11 +88,17 @@ use sha2::Sha256;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Largest request body accepted. GitHub allows payloads of up to 25 MB,
-/// but the only events acted on (`issues`, `ping`) are small: an issue's
-/// body is at most 65,536 characters. A larger delivery gets 413, which
-/// GitHub records as a failed delivery of an event we would ignore anyway.
-pub const BODY_LIMIT: usize = 1024 * 1024;
+/// Largest request body accepted anywhere but `/webhook`. Nothing else
+/// takes a body; a little is tolerated for clients that always send one
+/// (`{}`).
+pub const BODY_LIMIT: usize = 1024;
+
+/// Largest body accepted on `/webhook`: GitHub's own cap on a payload (25
+/// MB), so that every delivery of the events a hook may be set up for is
+/// read and answered (a `push` can be large), not recorded by GitHub as a
+/// failure. Only a request with a valid-looking signature header is read
+/// at all, and a body is held only until its HMAC is checked.
+pub const WEBHOOK_BODY_LIMIT: usize = 25 * 1024 * 1024;
 
 /// Polls failing in a row that make `/healthz` answer 503.
 pub const FAILED_POLLS_UNHEALTHY: u32 = 3;
@@ -117,6 +148,7 @@ pub struct HttpState {
     orchestrator: Arc<Orchestrator>,
     store: Arc<dyn StateStore>,
     webhook: Arc<RwLock<Option<Arc<WebhookConfig>>>>,
+    api_token: Arc<RwLock<Option<Arc<ApiToken>>>>,
     metrics: Option<PrometheusHandle>,
     /// Before the first poll, the health check counts from here.
     since: SystemTime,
@@ -127,6 +159,7 @@ impl std::fmt::Debug for HttpState {
         f.debug_struct("HttpState")
             .field("orchestrator", &self.orchestrator)
             .field("webhook", &self.webhook())
+            .field("api_token", &self.api_token().map(|t| t.source().clone()))
             .field("metrics", &self.metrics.is_some())
             .finish_non_exhaustive()
     }
@@ -134,12 +167,14 @@ impl std::fmt::Debug for HttpState {
 
 impl HttpState {
     /// The state for a service built from this orchestrator and the store
-    /// it writes to; no webhook and no metrics until they are added.
+    /// it writes to; no webhook, no metrics and no API token until they
+    /// are added. Without a token every `POST /api/...` is refused.
     pub fn new(orchestrator: Arc<Orchestrator>, store: Arc<dyn StateStore>) -> Self {
         Self {
             orchestrator,
             store,
             webhook: Arc::default(),
+            api_token: Arc::default(),
             metrics: None,
             since: SystemTime::now(),
         }
@@ -149,6 +184,25 @@ impl HttpState {
     pub fn with_webhook(self, webhook: Option<WebhookConfig>) -> Self {
         self.set_webhook(webhook);
         self
+    }
+
+    /// The token every `POST /api/...` must carry.
+    pub fn with_api_token(self, token: ApiToken) -> Self {
+        self.set_api_token(Some(token));
+        self
+    }
+
+    /// Replaces the API token (a configuration reload); `None` refuses
+    /// every `POST /api/...`.
+    pub fn set_api_token(&self, token: Option<ApiToken>) {
+        *self.api_token.write().unwrap_or_else(|e| e.into_inner()) = token.map(Arc::new);
+    }
+
+    fn api_token(&self) -> Option<Arc<ApiToken>> {
+        self.api_token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Serves `GET /metrics` from this recorder's handle.
@@ -262,9 +316,256 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/issues/{owner}/{repo}/{number}/retry", post(retry))
         .route("/api/issues/{owner}/{repo}/{number}/cancel", post(cancel))
         .route("/api/resume", post(resume))
-        .route("/webhook", post(webhook))
+        .route(
+            "/webhook",
+            post(webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
+        )
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Outermost, so that it sees every request, unknown paths too.
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
+}
+
+/// Who is on each end of a connection, for [`guard`]: axum puts it in
+/// each request's extensions when [`serve`] serves the router.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection {
+    /// The address the client connected to: the listen address, or with
+    /// a wildcard listen, the interface's.
+    pub local: Option<SocketAddr>,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, TcpListener>> for Connection {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
+        Self {
+            local: stream.io().local_addr().ok(),
+            peer: *stream.remote_addr(),
+        }
+    }
+}
+
+/// The checks every request passes before its handler (see the module
+/// documentation): `Host` (421), body size (413), and for actions under
+/// `/api/`, `Origin` (403) and the token (401).
+pub async fn guard(State(state): State<HttpState>, request: Request, next: Next) -> Response {
+    let connection = request
+        .extensions()
+        .get::<ConnectInfo<Connection>>()
+        .map(|c| c.0);
+    let local = connection.and_then(|c| c.local);
+    let peer = connection.map(|c| c.peer);
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    let is_webhook = path == "/webhook";
+    let refuse = |code: StatusCode, why: &str, message: String| {
+        tracing::warn!(peer = ?peer, %method, path = %path, status = code.as_u16(), "HTTP request refused: {why}");
+        failure(code, message)
+    };
+
+    if !is_webhook {
+        match request_host(&request) {
+            Ok(host) if host_is_allowed(host, local) => {}
+            Ok(host) => {
+                return refuse(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "foreign Host",
+                    format!(
+                        "this service does not answer to the Host {:?}: use a loopback address \
+                         (127.0.0.1, [::1], localhost) or the address it listens on \
+                         (a page reaching it under another name may be a DNS rebinding attack)",
+                        host.unwrap_or_default()
+                    ),
+                );
+            }
+            Err(why) => {
+                return refuse(StatusCode::MISDIRECTED_REQUEST, why, why.to_owned());
+            }
+        }
+    }
+
+    let limit = if is_webhook {
+        WEBHOOK_BODY_LIMIT
+    } else {
+        BODY_LIMIT
+    };
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body too large",
+            format!("request bodies here are limited to {limit} bytes"),
+        );
+    }
+
+    if path.starts_with("/api/") && !matches!(method, Method::GET | Method::HEAD) {
+        if let Some(origin) = request.headers().get(header::ORIGIN)
+            && !origin.to_str().is_ok_and(|o| origin_is_own(o, local))
+        {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "foreign Origin",
+                format!(
+                    "the Origin {:?} is not this service's own: the API takes actions only from \
+                     the service's own pages and from clients that send no Origin",
+                    String::from_utf8_lossy(origin.as_bytes())
+                ),
+            );
+        }
+        let token = state.api_token();
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer);
+        let valid = match (&token, presented) {
+            (Some(token), Some(presented)) => token.matches(presented.as_bytes()),
+            _ => false,
+        };
+        if !valid {
+            let mut response = refuse(
+                StatusCode::UNAUTHORIZED,
+                if presented.is_some() {
+                    "wrong API token"
+                } else {
+                    "no API token"
+                },
+                unauthorized_message(token.as_deref()),
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"claude-flow\""),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+/// The host a request names: an absolute URI's authority (which, by RFC
+/// 9112, wins over `Host`), else the one `Host` header; `None` without
+/// either (HTTP/1.0). Several `Host` headers are an error: which one a
+/// proxy looked at is anyone's guess.
+fn request_host(request: &Request) -> Result<Option<&str>, &'static str> {
+    if let Some(authority) = request.uri().authority() {
+        return Ok(Some(authority.as_str()));
+    }
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) => Ok(None),
+        (Some(host), None) => host
+            .to_str()
+            .map(Some)
+            .map_err(|_| "the Host header is not text"),
+        (Some(_), Some(_)) => Err("more than one Host header"),
+    }
+}
+
+/// Whether a request naming `host` is for this service, which a client
+/// reached on `local`. No `Host` at all is allowed: every browser sends
+/// one, so its absence is no rebinding.
+fn host_is_allowed(host: Option<&str>, local: Option<SocketAddr>) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let Some((name, _port)) = split_authority(host) else {
+        return false;
+    };
+    is_loopback_name(name) || is_local_address(name, local)
+}
+
+/// Whether `origin` is one of the service's own: `http://`, a loopback
+/// host or the address the connection came in on, and that port.
+fn origin_is_own(origin: &str, local: Option<SocketAddr>) -> bool {
+    let Some(local) = local else {
+        return false;
+    };
+    let Some(authority) = origin
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("http://"))
+        .and_then(|_| origin.get(7..))
+    else {
+        return false;
+    };
+    let Some((name, port)) = split_authority(authority) else {
+        return false;
+    };
+    port.unwrap_or(80) == local.port()
+        && (is_loopback_name(name) || is_local_address(name, Some(local)))
+}
+
+/// `host[:port]` or `[v6][:port]` into the host (brackets removed) and
+/// the port; `None` for anything else, such as user information, a path,
+/// or characters no host name has.
+fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    let (name, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?),
+        };
+        v6.parse::<std::net::Ipv6Addr>().ok()?;
+        (v6, port)
+    } else {
+        match authority.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => Some(p.parse().ok()?),
+        Some(_) => return None,
+    };
+    let plausible = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+    plausible.then_some((name, port))
+}
+
+/// `localhost` or a loopback address (`127.0.0.0/8`, `::1`, and
+/// `::ffff:127.x.x.x`).
+fn is_loopback_name(name: &str) -> bool {
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// Whether `name` is the address the client connected to.
+fn is_local_address(name: &str, local: Option<SocketAddr>) -> bool {
+    match (name.parse::<IpAddr>(), local) {
+        (Ok(ip), Some(local)) => ip.to_canonical() == local.ip().to_canonical(),
+        _ => false,
+    }
+}
+
+/// The token of `Authorization: Bearer <token>` (the scheme in any case).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// What a 401 says: how to send the token and where to find it, never
+/// the token itself.
+fn unauthorized_message(token: Option<&ApiToken>) -> String {
+    let location = match token {
+        Some(token) => format!("This service's token: {}.", token.source()),
+        None => "This service has no API token, so it takes no actions over HTTP.".to_owned(),
+    };
+    format!(
+        "missing or bad API token: send `Authorization: Bearer <token>`. {location} \
+         `claude-flow retry`, `cancel` and `resume` find it themselves (service.api_token, \
+         service.api_token_file, else <state_dir>/api-token, which only the service's user and \
+         root can read)"
+    )
 }
 
 /// Binds `service.listen`, with an error that names the key.
@@ -288,8 +589,11 @@ pub async fn serve(
         tracing::info!(%addr, "HTTP API listening");
     }
     let stopped = shutdown.clone();
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stopped.cancelled().await });
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<Connection>(),
+    )
+    .with_graceful_shutdown(async move { stopped.cancelled().await });
     tokio::select! {
         result = server => result,
         // A client that keeps a request open must not hold up the exit.
@@ -485,15 +789,26 @@ impl WebhookAnswer {
     }
 }
 
-async fn webhook(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn webhook(State(state): State<HttpState>, request: Request) -> Response {
     let Some(config) = state.webhook() else {
         return failure(
             StatusCode::NOT_FOUND,
             "webhooks are not enabled: github.webhook_secret is not set",
         );
     };
+    let headers = request.headers().clone();
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let delivery = text("x-github-delivery").unwrap_or("-");
+    // An unsigned delivery is refused before its body is read: up to
+    // WEBHOOK_BODY_LIMIT bytes anyone could send.
+    let body = if headers.contains_key("x-hub-signature-256") {
+        match Bytes::from_request(request, &()).await {
+            Ok(body) => body,
+            Err(rejection) => return rejection.into_response(),
+        }
+    } else {
+        Bytes::new()
+    };
     // First, before anything looks at the body.
     if !signature_is_valid(
         config.secret.expose().as_bytes(),
@@ -600,6 +915,48 @@ mod tests {
             b"Hello, World!"
         ));
         assert!(!signature_is_valid(secret, None, b"Hello, World!"));
+    }
+
+    #[test]
+    fn hosts_and_origins_are_the_services_own_or_refused() {
+        let local: SocketAddr = "10.0.0.5:8787".parse().unwrap();
+        assert!(host_is_allowed(None, None));
+        assert!(host_is_allowed(Some("localhost"), None));
+        assert!(host_is_allowed(Some("127.9.9.9:1"), None));
+        assert!(host_is_allowed(Some("[::ffff:127.0.0.1]:1"), None));
+        assert!(host_is_allowed(Some("10.0.0.5:80"), Some(local)));
+        assert!(!host_is_allowed(Some("10.0.0.5"), None));
+        assert!(!host_is_allowed(Some("10.0.0.6:8787"), Some(local)));
+        assert!(!host_is_allowed(Some("evil.example"), Some(local)));
+        for bad in [
+            "[::1",
+            "::1",
+            "[::1]x",
+            "localhost:",
+            "localhost:x",
+            "a b",
+            "u@localhost",
+        ] {
+            assert!(!host_is_allowed(Some(bad), None), "{bad}");
+        }
+
+        assert!(origin_is_own("http://10.0.0.5:8787", Some(local)));
+        assert!(origin_is_own("HTTP://localhost:8787", Some(local)));
+        assert!(origin_is_own("http://[::1]:8787", Some(local)));
+        assert!(!origin_is_own("http://localhost:8787", None));
+        assert!(!origin_is_own("http://10.0.0.5", Some(local)));
+        assert!(!origin_is_own("http://10.0.0.5:8787/", Some(local)));
+        assert!(!origin_is_own("https://10.0.0.5:8787", Some(local)));
+        assert!(!origin_is_own("http://10.0.0.6:8787", Some(local)));
+        assert!(!origin_is_own("http:/", Some(local)));
+        let on_80: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        assert!(origin_is_own("http://127.0.0.1", Some(on_80)));
+
+        assert_eq!(bearer("Bearer  abc "), Some("abc"));
+        assert_eq!(bearer("bEaReR abc"), Some("abc"));
+        assert_eq!(bearer("Bearer"), None);
+        assert_eq!(bearer("Bearer  "), None);
+        assert_eq!(bearer("Basic abc"), None);
     }
 
     fn poll(at: SystemTime, error: Option<&str>) -> Option<PollResult> {

@@ -149,6 +149,29 @@ fn a_bad_configuration_exits_78_naming_the_key() {
 }
 
 #[test]
+fn listening_beyond_loopback_without_an_api_token_exits_78() {
+    let s = setup_with(0, serde_json::json!({"listen": "0.0.0.0:0"}));
+    let mut d = daemon(&s.root);
+    let start = Instant::now();
+    while d.try_wait().unwrap().is_none() {
+        if start.elapsed() > PATIENCE {
+            d.kill().unwrap();
+            let _ = d.wait();
+            panic!("the daemon started, listening on 0.0.0.0 without an API token");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = d.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("service.listen: ") && err.contains("service.api_token"),
+        "{err}"
+    );
+    assert!(!s.root.join("state").exists(), "nothing started");
+}
+
+#[test]
 fn sighup_applies_a_new_max_concurrent_without_dropping_running_workflows() {
     let s = setup_with(3, serde_json::json!({"max_concurrent": 1}));
     let mut d = daemon(&s.root);
@@ -307,4 +330,118 @@ fn the_daemon_speaks_the_systemd_notify_protocol() {
     read_until(&sock, "EXTEND_TIMEOUT_USEC=", &mut seen);
     let mut d = d;
     assert!(d.wait().unwrap().success());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// POSTs to the daemon's API, with `token` as the bearer if given; the
+/// status of the answer.
+fn post(listen: &str, path: &str, token: Option<&str>) -> u16 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let mut request = client.post(format!("http://{listen}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap().status().as_u16()
+    })
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(files(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn the_api_token_is_in_no_log_line_and_no_state_file() {
+    for configured in [false, true] {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut service = serde_json::json!({"listen": listen});
+        if configured {
+            service["api_token_file"] = "api.token".into();
+        }
+        let s = setup_with(1, service);
+        std::fs::write(s.root.join("api.token"), "configured-api-token-7f3a9c0e\n").unwrap();
+        // Everything the daemon can say, as text.
+        let path = s.root.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config["log"] = serde_json::json!({"level": "trace"});
+        std::fs::write(&path, config.to_string()).unwrap();
+        // A generated token of an earlier start, which a configured one
+        // makes obsolete.
+        std::fs::create_dir(s.root.join("state")).unwrap();
+        std::fs::write(s.root.join("state/api-token"), "stale\n").unwrap();
+
+        let d = Command::new(env!("CARGO_BIN_EXE_claude-flow-daemon"))
+            .arg("--config")
+            .arg(&path)
+            .env_remove("CLAUDE_FLOW_CONFIG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for("the workflow to start", || started(&s.root, 1));
+        let token_file = s.root.join("state/api-token");
+        let token = if configured {
+            assert!(!token_file.exists(), "the stale generated token stayed");
+            "configured-api-token-7f3a9c0e".to_owned()
+        } else {
+            std::fs::read_to_string(&token_file)
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        assert_ne!(token, "stale");
+
+        assert_eq!(post(&listen, "/api/resume", None), 401);
+        assert_eq!(post(&listen, "/api/resume", Some("not-the-token")), 401);
+        assert_eq!(post(&listen, "/api/resume", Some(&token)), 200);
+        assert_eq!(
+            post(&listen, "/api/issues/local/issues/1/cancel", Some(&token)),
+            200
+        );
+        wait_for("the cancel to be recorded", || {
+            status(&s.root) == Some(IssueStatus::Cancelled)
+        });
+        // A reload reads the token again.
+        signal(&d, Signal::SIGHUP);
+        signal(&d, Signal::SIGTERM);
+        let out = d.wait_with_output().unwrap();
+        assert!(out.status.success(), "{:?}", out.status);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(log.contains("HTTP request refused"), "{log}");
+        assert!(log.contains("cancel asked through the HTTP API"), "{log}");
+        assert!(!log.contains(&token), "the token is in the log");
+
+        for file in files(&s.root.join("state")) {
+            if file == token_file {
+                continue;
+            }
+            let bytes = std::fs::read(&file).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains(&token), "the token is in {}", file.display());
+        }
+    }
 }

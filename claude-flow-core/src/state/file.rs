@@ -142,8 +142,13 @@ impl FileStore {
     pub fn lock_holder(dir: &Path) -> Option<u32> {
         let text = fs::read_to_string(dir.join(LOCK)).ok()?;
         let pid: i32 = text.trim().parse().ok()?;
-        let alive =
-            pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        // EPERM: the process exists but belongs to another user, as a
+        // service running as its own user does for an operator's CLI.
+        let alive = pid > 0
+            && matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                Ok(()) | Err(nix::errno::Errno::EPERM)
+            );
         alive.then(|| u32::try_from(pid).ok()).flatten()
     }
 

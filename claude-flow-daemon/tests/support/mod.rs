@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use claude_flow_core::api::token::{ApiToken, TokenSource};
 use claude_flow_core::{
     Error, ExitKind, FnRunner, Issue, IssueKey, IssueSource, MemorySource, MemoryStore,
     Orchestrator, RepoId, Report, Reports, RunOutcome, Secret, Settings, SourceError, Status,
@@ -27,6 +28,8 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 pub const SECRET: &str = "It's a Secret to Everybody";
 pub const REPO: &str = "acme/widgets";
 pub const TRIGGER: &str = "claude-flow";
+/// The API token the test service expects.
+pub const API_TOKEN: &str = "test-api-token-0123456789abcdef";
 
 pub fn key(n: u64) -> IssueKey {
     IssueKey::new(REPO.parse().unwrap(), n)
@@ -101,6 +104,8 @@ impl IssueSource for Counted {
 
 pub struct Service {
     pub base: String,
+    /// Where the server listens.
+    pub addr: std::net::SocketAddr,
     pub http: reqwest::Client,
     pub orchestrator: Arc<Orchestrator>,
     pub store: Arc<MemoryStore>,
@@ -183,8 +188,15 @@ impl Service {
             trigger_label: TRIGGER.into(),
             repos: vec![REPO.parse::<RepoId>().unwrap()],
         });
-        let state =
-            adjust(HttpState::new(orchestrator.clone(), store.clone()).with_webhook(webhook));
+        let token = ApiToken::new(
+            Secret::new(API_TOKEN),
+            TokenSource::Generated("/var/lib/claude-flow/api-token".into()),
+        );
+        let state = adjust(
+            HttpState::new(orchestrator.clone(), store.clone())
+                .with_webhook(webhook)
+                .with_api_token(token),
+        );
         Self::with_state(orchestrator, store, starts, state, options.run).await
     }
 
@@ -196,7 +208,8 @@ impl Service {
         run: bool,
     ) -> Self {
         let listener = http::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let base = format!("http://{addr}");
         let server_stop = CancellationToken::new();
         let server = tokio::spawn(http::serve(
             listener,
@@ -211,6 +224,7 @@ impl Service {
         });
         Self {
             base,
+            addr,
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
             orchestrator,
             store,
@@ -233,10 +247,63 @@ impl Service {
         (status, response.json().await.unwrap_or_default())
     }
 
+    /// Posts with the API token, as an operator's client does.
     pub async fn post(&self, path: &str) -> (u16, serde_json::Value) {
-        let response = self.http.post(self.url(path)).send().await.unwrap();
+        self.post_with(path, &[("authorization", &format!("Bearer {API_TOKEN}"))])
+            .await
+    }
+
+    /// Posts with these headers only.
+    pub async fn post_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, serde_json::Value) {
+        let mut request = self.http.post(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or_default())
+    }
+
+    /// Sends `head` (the request line and headers, each ending in CRLF)
+    /// and `body` over a new connection, byte for byte as given (so the
+    /// `Host` header is the test's, or absent), and returns the status
+    /// and the body of the answer.
+    pub async fn raw(&self, head: &str, body: &[u8]) -> (u16, String) {
+        self.exchange(head, body.len(), body).await
+    }
+
+    /// Sends `head` announcing a body of `length` bytes, but no body: a
+    /// server that refuses by the announced length answers at once.
+    pub async fn announce(&self, head: &str, length: usize) -> (u16, String) {
+        self.exchange(head, length, b"").await
+    }
+
+    async fn exchange(&self, head: &str, length: usize, body: &[u8]) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let request = format!("{head}Connection: close\r\nContent-Length: {length}\r\n\r\n");
+        let mut bytes = request.into_bytes();
+        bytes.extend_from_slice(body);
+        // A server refusing a large body may answer and close before it
+        // has all of it: the answer is what counts.
+        let _ = stream.write_all(&bytes).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        (status, body)
     }
 
     /// Posts a webhook delivery; `signature`: `None` for none, else the
