@@ -232,20 +232,12 @@ impl StateStore for FileStore {
         let bytes = serde_json::to_vec(state)
             .map_err(|e| StoreError::Failed(format!("cannot encode the service state: {e}")))?;
         tokio::task::spawn_blocking(move || {
-            let path = dir.join(SERVICE);
-            let tmp = dir.join(format!("{SERVICE}.tmp"));
-            let mut out = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io_err(&tmp))?;
-            out.write_all(&bytes)
-                .and_then(|()| out.sync_all())
-                .map_err(io_err(&tmp))?;
-            fs::rename(&tmp, &path).map_err(io_err(&path))?;
-            sync_dir(&dir)
+            replace_file(
+                &dir,
+                &dir.join(format!("{SERVICE}.tmp")),
+                &dir.join(SERVICE),
+                &bytes,
+            )
         })
         .await
         .map_err(|e| StoreError::Failed(format!("a state write panicked: {e}")))?
@@ -353,13 +345,6 @@ impl JournalWriter {
         // Lines queued but not yet written are older than or equal to the
         // map's versions; appending them after the snapshot is harmless.
         let tmp = self.dir.join(format!("{JOURNAL}.compact"));
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
         let mut buf = Vec::new();
         buf.extend_from_slice(HEADER.as_bytes());
         buf.push(b'\n');
@@ -367,11 +352,7 @@ impl JournalWriter {
             buf.extend_from_slice(line);
             buf.push(b'\n');
         }
-        out.write_all(&buf)
-            .and_then(|()| out.sync_all())
-            .map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io_err(&self.path))?;
-        sync_dir(&self.dir)?;
+        replace_file(&self.dir, &tmp, &self.path, &buf)?;
         self.file = OpenOptions::new()
             .append(true)
             .open(&self.path)
@@ -542,6 +523,23 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
         .and_then(|_| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
         .map_err(io_err(&path))?;
     Ok(file)
+}
+
+/// Replaces `path` with `bytes` whole, or leaves it as it was: written to
+/// `tmp` (mode 0600) and synced, renamed over `path`, the directory synced.
+fn replace_file(dir: &Path, tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp)
+        .map_err(io_err(tmp))?;
+    out.write_all(bytes)
+        .and_then(|()| out.sync_all())
+        .map_err(io_err(tmp))?;
+    fs::rename(tmp, path).map_err(io_err(path))?;
+    sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
