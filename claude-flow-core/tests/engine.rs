@@ -926,3 +926,28 @@ async fn a_workflow_that_cannot_start_uses_no_attempt_and_says_nothing_on_the_is
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_marker_with_an_exit_other_than_75_is_a_failure_not_a_pause() {
+    let store = Arc::new(MemoryStore::new());
+    let orchestrator = build(
+        Arc::new(MemorySource::new([issue(1)])),
+        FnRunner::new(|_job, _cancel| async {
+            Ok(RunOutcome {
+                retry_after: Some(SystemTime::now() + Duration::from_secs(3600)),
+                ..exit(1)
+            })
+        }),
+        store.clone(),
+        Settings {
+            max_attempts: 1,
+            ..settings()
+        },
+    );
+    let summary = orchestrator
+        .run_once(CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(summary.failed, 1);
+    assert_eq!(orchestrator.status().paused_until, None);
+}

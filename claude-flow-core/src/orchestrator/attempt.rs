@@ -207,7 +207,9 @@ pub(super) fn interrupted(record: &mut IssueRecord, settings: &Settings) {
 fn classify(run: &RunOutcome, stop_reason: Option<StopReason>) -> AttemptOutcome {
     match run.exit {
         ExitKind::Code(0) => AttemptOutcome::Succeeded,
-        ExitKind::Code(_) if run.retry_after.is_some() => AttemptOutcome::QuotaExhausted {
+        // CONTRACT section 4: the marker counts with exit 75 only; a failing
+        // workflow that merely echoes an agent's marker is a failure.
+        ExitKind::Code(75) if run.retry_after.is_some() => AttemptOutcome::QuotaExhausted {
             until: run.retry_after.unwrap_or(SystemTime::UNIX_EPOCH),
         },
         ExitKind::Code(code) => AttemptOutcome::Failed {

@@ -337,7 +337,14 @@ impl Engine {
                 Some(_) => {}
             }
         }
-        put_all(&self.shared.store, &changed).await?;
+        // A running attempt's record is written by its task; the loop's
+        // copy is merged into the outcome when the attempt ends.
+        let durable: Vec<IssueRecord> = changed
+            .iter()
+            .filter(|r| !self.running.contains_key(r.key()))
+            .cloned()
+            .collect();
+        put_all(&self.shared.store, &durable).await?;
         for record in changed {
             let key = record.key().clone();
             self.set_record(record);
@@ -490,7 +497,10 @@ impl Engine {
         settings: &Settings,
         reporter: &Reporter,
     ) {
-        self.running.remove(&key);
+        let stopped_by = self
+            .running
+            .remove(&key)
+            .and_then(|r| r.reason.get().copied());
         let mut record = match result {
             Ok(finished) => {
                 if let Some(reason) = finished.unstartable {
@@ -514,8 +524,20 @@ impl Engine {
             record.reports = current.reports.clone();
             record.issue = current.issue.clone();
             record.edited_since_approval = current.edited_since_approval;
-            if let Err(e) = self.shared.store.put_relaxed(&record).await {
+            if let Err(e) = self.shared.store.put(&record).await {
                 self.fail(e.into());
+            }
+        }
+        // An operator's cancel that arrived as the workflow ended on its own
+        // still settles the round: it must not run again.
+        if stopped_by == Some(StopReason::Operator) && !record.status.is_settled() {
+            record.status = IssueStatus::Cancelled;
+            record.next_retry_at = None;
+            record.last_error = Some(StopReason::Operator.cancel_reason().to_owned());
+            record.updated_at = SystemTime::now();
+            if let Err(e) = self.shared.store.put(&record).await {
+                self.fail(e.into());
+                return;
             }
         }
         let outcome = record.last_attempt().and_then(|a| a.outcome.clone());
@@ -597,6 +619,10 @@ impl Engine {
             return;
         }
         record.reports = done.reports;
+        if self.running.contains_key(&done.key) {
+            // Its task owns the stored record; merged when it ends.
+            return;
+        }
         let record = record.clone();
         // Losing this note in a crash only repeats an idempotent report.
         if let Err(e) = self.shared.store.put_relaxed(&record).await {
@@ -751,16 +777,24 @@ impl Engine {
                 let _ = reply.send(result);
             }
             Command::Resume(reply) => {
+                let mut next = self.service.clone();
                 let lifted = crate::api::Resumed {
-                    lifted_until: self.service.paused_until.take(),
-                    pause_reason: self.service.pause_reason.take(),
+                    lifted_until: next.paused_until.take(),
+                    pause_reason: next.pause_reason.take(),
                 };
-                self.service.quota_exits = 0;
-                let result = store
-                    .put_service(&self.service)
-                    .await
-                    .map(|()| lifted)
-                    .map_err(Error::from);
+                next.quota_exits = 0;
+                // Taken into memory only once durable: a pause that comes
+                // back after a restart must not differ from what runs now.
+                let result = match store.put_service(&next).await {
+                    Ok(()) => {
+                        self.service = next;
+                        Ok(lifted)
+                    }
+                    Err(e) => {
+                        self.fail(Error::from(StoreError::Failed(e.to_string())));
+                        Err(Error::from(e))
+                    }
+                };
                 if let Ok(crate::api::Resumed {
                     lifted_until: Some(until),
                     ..

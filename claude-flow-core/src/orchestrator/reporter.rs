@@ -86,6 +86,7 @@ impl Reporter {
             delivered,
             untried: Arc::clone(&untried),
             entries: HashMap::new(),
+            delivered_reports: HashMap::new(),
             fresh: VecDeque::new(),
             retries: BTreeSet::new(),
         };
@@ -153,6 +154,10 @@ struct Worker {
     delivered: mpsc::UnboundedSender<Delivered>,
     untried: Arc<watch::Sender<usize>>,
     entries: HashMap<IssueKey, Entry>,
+    /// What the last successful report of each issue left in its reports
+    /// (round, reports): the loop may hand over an older copy before it
+    /// has heard of that report, and a comment id must not be forgotten.
+    delivered_reports: HashMap<IssueKey, (u32, Reports)>,
     /// Issues with an untried state, oldest first.
     fresh: VecDeque<IssueKey>,
     retries: BTreeSet<(Instant, IssueKey)>,
@@ -191,6 +196,11 @@ impl Worker {
     fn take(&mut self, mut want: Want) {
         let key = want.issue.key.clone();
         let Some(entry) = self.entries.get_mut(&key) else {
+            if let Some((round, reports)) = self.delivered_reports.get(&key)
+                && *round == want.report.round()
+            {
+                want.reports = reports.clone();
+            }
             self.entries.insert(
                 key.clone(),
                 Entry {
@@ -269,6 +279,8 @@ impl Worker {
             Ok(()) => {
                 reports.shown = Some(want.shown);
                 reports.edit_shown = want.edited;
+                self.delivered_reports
+                    .insert(key.clone(), (want.report.round(), reports.clone()));
                 let _ = self.delivered.send(Delivered {
                     key: key.clone(),
                     round: want.report.round(),
