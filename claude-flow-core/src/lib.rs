@@ -22,7 +22,7 @@ pub use error::{ConfigError, Error, RunnerError, SourceError, StoreError};
 pub use issue::{InvalidRepoId, Issue, IssueKey, PrScope, RepoId};
 pub use issue_source::{
     CancelReport, FailureReport, GithubSettings, GithubSource, IssueSource, LocalSource, Report,
-    StartReport, SuccessReport,
+    SkippedTrigger, StartReport, SuccessReport,
 };
 pub use orchestrator::{
     Orchestrator, OrchestratorBuilder, PollResult, RunningAttempt, Settings, Status, Summary,

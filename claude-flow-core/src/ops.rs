@@ -137,6 +137,7 @@ mod tests {
             paused_until: Some(SystemTime::now() + std::time::Duration::from_secs(3600)),
             pause_reason: Some("quota".into()),
             quota_exits: 2,
+            ..ServiceState::default()
         };
         store.put_service(&paused).await.unwrap();
         assert_eq!(resume(&store).await.unwrap(), paused);

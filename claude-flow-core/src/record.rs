@@ -195,6 +195,10 @@ pub struct ServiceState {
     /// Quota exits in a row (any other outcome ends the streak).
     #[serde(default)]
     pub quota_exits: u32,
+    /// The triggers the last successful poll ignored (kept so that `list
+    /// --skipped` answers while the service is stopped).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<crate::issue_source::SkippedTrigger>,
 }
 
 impl ServiceState {
@@ -557,6 +561,7 @@ mod tests {
             paused_until: Some(until),
             pause_reason: Some("quota".into()),
             quota_exits: 1,
+            ..ServiceState::default()
         };
         assert_eq!(ServiceState::default().pause_at(now, hour), None);
         assert_eq!(paused(now).pause_at(now, hour), None);

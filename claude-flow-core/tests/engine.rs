@@ -601,6 +601,7 @@ async fn a_pause_survives_a_restart_and_resume_ends_it() {
             paused_until: Some(until),
             pause_reason: Some("quota".into()),
             quota_exits: 1,
+            ..ServiceState::default()
         })
         .await
         .unwrap();

@@ -207,6 +207,22 @@ async fn only_trusted_labelers_send_issues_to_the_agent() {
     let before = gh.requests().await.len();
     assert_eq!(numbers(&source.poll().await.unwrap()), [3, 4]);
     assert_eq!(gh.requests().await.len() - before, 1);
+    // What was ignored is told, with the reason (`list --skipped`).
+    let skipped: Vec<_> = source
+        .skipped()
+        .into_iter()
+        .map(|s| (s.issue.number, s.reason))
+        .collect();
+    assert_eq!(skipped.len(), 4, "{skipped:?}");
+    assert_eq!(skipped[0].0, 1);
+    assert_eq!(
+        skipped[0].1,
+        "the label was applied by mallory-drive-by, whose permission is read (write required)"
+    );
+    assert_eq!(
+        skipped.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [1, 2, 5, 6]
+    );
 
     // With `triage` required, the triager counts too.
     let triage = GithubConfig {

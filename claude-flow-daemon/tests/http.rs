@@ -65,6 +65,7 @@ async fn a_recorded_pause_is_shown_at_start_and_post_api_resume_ends_it() {
         paused_until: Some(until),
         pause_reason: Some("the workflow for acme/widgets#1 reported its quota exhausted".into()),
         quota_exits: 2,
+        ..ServiceState::default()
     };
     store.put_service(&paused).await.unwrap();
     let mut options = Options::new(counted([issue(1)]));

@@ -15,7 +15,7 @@ mod memory;
 use async_trait::async_trait;
 
 use crate::error::SourceError;
-use crate::issue::Issue;
+use crate::issue::{Issue, IssueKey};
 use crate::record::Reports;
 
 pub use github::{
@@ -109,6 +109,20 @@ impl Report {
     }
 }
 
+/// A trigger the source saw and did not act on (CONTRACT section 5): the
+/// label was applied by someone not trusted. Shown by `claude-flow list
+/// --skipped`, the API and the console until the issue changes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SkippedTrigger {
+    /// The issue.
+    pub issue: IssueKey,
+    /// Its title (attacker-controlled text: escape it when shown).
+    pub title: String,
+    /// Why it was skipped, e.g. "the label was applied by mallory, whose
+    /// permission is read (write required)".
+    pub reason: String,
+}
+
 /// A source of issues: says which are ready for work, and shows how they
 /// are going.
 ///
@@ -128,6 +142,13 @@ pub trait IssueSource: Send + Sync {
     /// it is no longer wanted (a running attempt is cancelled, a waiting
     /// one settles as cancelled).
     async fn poll(&self) -> Result<Vec<Issue>, SourceError>;
+
+    /// The triggers the last successful [`poll`](IssueSource::poll) saw
+    /// and ignored, with the reason; asked after each successful poll.
+    /// Sources without a notion of trust have none.
+    fn skipped(&self) -> Vec<SkippedTrigger> {
+        Vec::new()
+    }
 
     /// Brings the issue to show `report` (labels, a status comment, or
     /// whatever the source has).

@@ -188,6 +188,8 @@ impl Engine {
         let settings = self.settings.borrow().clone();
         let now = SystemTime::now();
         self.service = self.shared.store.load_service().await?;
+        let skipped = self.service.skipped.clone();
+        self.status.send_modify(|s| s.skipped = skipped);
         let paused = self.service.pause_at(now, settings.max_pause);
         if paused != self.service.paused_until {
             // Saved cut, so that restarts cannot push a long pause out
@@ -263,6 +265,12 @@ impl Engine {
             }
         };
         tracing::debug!(ready = issues.len(), "polled");
+        if polled.skipped != self.service.skipped {
+            self.status
+                .send_modify(|s| s.skipped.clone_from(&polled.skipped));
+            self.service.skipped = polled.skipped;
+            self.save_service().await;
+        }
         self.eligible = issues.iter().map(|i| i.key.clone()).collect();
         // `run_once` works on what its first poll found; later polls only
         // say what stopped being eligible.

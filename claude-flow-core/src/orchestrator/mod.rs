@@ -228,6 +228,8 @@ pub struct Status {
     pub pause_reason: Option<String>,
     /// Why the workflow cannot be started (nothing starts until it can).
     pub workflow_unavailable: Option<String>,
+    /// Triggers the last successful poll ignored, with the reason.
+    pub skipped: Vec<crate::issue_source::SkippedTrigger>,
     /// A graceful stop is under way.
     pub stopping: bool,
     /// Counts the scheduler loop's turns; the loop turns at least once a

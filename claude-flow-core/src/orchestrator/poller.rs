@@ -14,10 +14,13 @@ use tokio::time::Instant;
 use super::{Settings, Shared};
 use crate::error::SourceError;
 use crate::issue::Issue;
+use crate::issue_source::SkippedTrigger;
 
 /// One poll's result.
 pub(super) struct Polled {
     pub(super) result: Result<Vec<Issue>, SourceError>,
+    /// The triggers the poll ignored (empty when it failed).
+    pub(super) skipped: Vec<SkippedTrigger>,
     pub(super) at: SystemTime,
     pub(super) duration: Duration,
 }
@@ -44,9 +47,16 @@ impl Poller {
         let task = tokio::spawn(async move {
             loop {
                 let started = Instant::now();
-                let result = shared.source().poll().await;
+                let source = shared.source();
+                let result = source.poll().await;
+                let skipped = if result.is_ok() {
+                    source.skipped()
+                } else {
+                    Vec::new()
+                };
                 let polled = Polled {
                     result,
+                    skipped,
                     at: SystemTime::now(),
                     duration: started.elapsed(),
                 };

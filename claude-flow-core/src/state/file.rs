@@ -757,6 +757,7 @@ mod tests {
             paused_until: Some(std::time::SystemTime::UNIX_EPOCH),
             pause_reason: Some("quota".into()),
             quota_exits: 2,
+            ..ServiceState::default()
         };
         store.put_service(&state).await.unwrap();
         let reader = FileStore::open_read_only(dir.path()).unwrap();

@@ -46,7 +46,7 @@ use crate::config::{Config, GithubConfig, Permission};
 use crate::error::{ConfigError, SourceError};
 use crate::issue::{Issue, IssueKey, PrScope, RepoId};
 use crate::issue_source::{
-    CancelReport, FailureReport, IssueSource, Report, StartReport, SuccessReport,
+    CancelReport, FailureReport, IssueSource, Report, SkippedTrigger, StartReport, SuccessReport,
 };
 use crate::record::Reports;
 use crate::secret::Secret;
@@ -102,8 +102,10 @@ struct Verdict {
     /// The issue's `updated_at` when examined: any change (a new label, a
     /// comment) moves it, and only then is the issue examined again.
     updated_at: String,
-    /// `Some(trigger)` when trusted.
-    trigger: Option<String>,
+    /// `Ok(trigger)` when trusted, else why not.
+    trigger: Result<String, String>,
+    /// The title, to show a skipped trigger.
+    title: String,
 }
 
 impl GithubSource {
@@ -189,7 +191,7 @@ impl GithubSource {
             && !issue.updated_at.is_empty()
             && v.updated_at == issue.updated_at
         {
-            return Ok(v.trigger.clone());
+            return Ok(v.trigger.clone().ok());
         }
         let url = self.issue_url(key, &["timeline"]);
         let url = with_query(url, &[("per_page", "100")]);
@@ -227,21 +229,18 @@ impl GithubSource {
                 }
             }
         };
-        let trigger = match decision {
-            Ok(trigger) => Some(trigger),
-            Err(reason) => {
-                tracing::debug!(issue = %key, %reason, "untrusted trigger: ignored until the issue changes");
-                None
-            }
-        };
+        if let Err(reason) = &decision {
+            tracing::info!(issue = %key, %reason, "untrusted trigger: ignored until the issue changes");
+        }
         lock(&self.verdicts).insert(
             key.clone(),
             Verdict {
                 updated_at: issue.updated_at.clone(),
-                trigger: trigger.clone(),
+                trigger: decision.clone(),
+                title: issue.title.clone(),
             },
         );
-        Ok(trigger)
+        Ok(decision.ok())
     }
 
     async fn permission(&self, repo: &RepoId, login: &str) -> Result<Permission, SourceError> {
@@ -461,6 +460,21 @@ impl IssueSource for GithubSource {
             lock(&self.verdicts).retain(|k, _| &k.repo != repo || seen.contains(k));
         }
         Ok(ready)
+    }
+
+    fn skipped(&self) -> Vec<SkippedTrigger> {
+        let mut skipped: Vec<_> = lock(&self.verdicts)
+            .iter()
+            .filter_map(|(key, v)| {
+                v.trigger.as_ref().err().map(|reason| SkippedTrigger {
+                    issue: key.clone(),
+                    title: v.title.clone(),
+                    reason: reason.clone(),
+                })
+            })
+            .collect();
+        skipped.sort_by(|a, b| a.issue.cmp(&b.issue));
+        skipped
     }
 
     async fn report(
