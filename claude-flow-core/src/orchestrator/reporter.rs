@@ -250,7 +250,7 @@ impl Worker {
         if let (Report::Failed(failure), Some(path)) = (&mut report, &want.log_path) {
             let path = path.clone();
             failure.log_tail =
-                tokio::task::spawn_blocking(move || super::attempt::log_tail(&path, 20))
+                tokio::task::spawn_blocking(move || crate::runner::log_tail(&path, 20))
                     .await
                     .unwrap_or_default();
         }

@@ -23,7 +23,7 @@ use crate::error::RunnerError;
 use crate::issue::Issue;
 
 pub use closure::FnRunner;
-pub use output::{WorkflowOutput, scan_output};
+pub use output::{WorkflowOutput, log_tail, scan_output};
 pub use preflight::check_program;
 pub use subprocess::{SubprocessRunner, SubprocessSettings};
 
