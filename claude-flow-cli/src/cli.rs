@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
-use claude_flow_core::service_unit;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use claude_flow_core::{IssueStatus, service_unit};
 
 /// Turn labeled issues into pull requests: run, operate and inspect claude-flow.
 #[derive(Debug, Parser)]
@@ -17,10 +17,6 @@ pub struct Cli {
         default_value = claude_flow_core::config::DEFAULT_CONFIG_PATH
     )]
     pub config: PathBuf,
-
-    /// Print JSON instead of text (read commands).
-    #[arg(long, global = true)]
-    pub json: bool,
 
     #[command(subcommand)]
     pub command: Command,
@@ -38,13 +34,21 @@ pub enum Command {
     /// Summarize the state: the service, a quota pause, running attempts, issue counts.
     ///
     /// With a running service, its own view (`GET /healthz`); else the
-    /// state directory's. `--json` has `paused_until`, `pause_reason` and
-    /// `running` (issue, round, attempt, started_at) at the top level.
-    Status,
-    /// List every known issue: status, round and the round's attempts.
-    List,
-    /// Show one issue with all its attempts, by round.
-    Show(IssueArg),
+    /// state directory's. `--json` has `paused_until`, `pause_reason`,
+    /// `running` (issue, round, attempt, started_at, elapsed_seconds) and
+    /// `last_poll` at the top level.
+    Status(JsonArg),
+    /// List the known issues: status, round, the round's attempts, when the
+    /// running attempt started and when the next retry is due.
+    List(ListArgs),
+    /// Show one issue with all its attempts, by round, and the last lines of
+    /// each failed attempt's log.
+    Show {
+        #[command(flatten)]
+        issue: IssueArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Print an issue's workflow log (the latest attempt by default).
     Logs {
         #[command(flatten)]
@@ -60,10 +64,19 @@ pub enum Command {
         /// Keep printing while the attempt runs.
         #[arg(long, short)]
         follow: bool,
+        /// Only the last N lines (then, with --follow, what follows).
+        #[arg(long, short = 'n', value_name = "N")]
+        tail: Option<usize>,
     },
     /// Queue an issue again: a new round for a settled issue.
     Retry(IssueArg),
-    /// Stop an issue from being started again until it is retried or re-triggered.
+    /// Cancel an issue: it is not started again until it is retried or its
+    /// trigger is applied again.
+    ///
+    /// A running workflow is killed: its process group gets SIGTERM, then
+    /// SIGKILL once workflow.kill_grace has passed, and the issue settles as
+    /// cancelled. With a running service this goes through its HTTP API
+    /// (which needs the API token), else to the state directory.
     Cancel(IssueArg),
     /// End a quota pause now, so that workflows start again.
     ///
@@ -82,6 +95,58 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `--json`, on the read commands that honour it.
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `list` options.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only issues with this status (several: comma-separated or repeated).
+    #[arg(long, value_name = "S", value_delimiter = ',', value_enum)]
+    pub status: Vec<StatusArg>,
+    /// The triggers the service ignored instead, with the reason (e.g. a
+    /// label applied by someone without write permission).
+    #[arg(long, conflicts_with = "status")]
+    pub skipped: bool,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+/// An issue status, as `list --status` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusArg {
+    /// Waiting for a free slot.
+    Queued,
+    /// A workflow attempt runs.
+    Running,
+    /// Waiting for the next attempt.
+    Retrying,
+    /// The workflow succeeded.
+    Done,
+    /// Every attempt of the round failed.
+    Failed,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl From<StatusArg> for IssueStatus {
+    fn from(s: StatusArg) -> Self {
+        match s {
+            StatusArg::Queued => Self::Queued,
+            StatusArg::Running => Self::Running,
+            StatusArg::Retrying => Self::Retrying,
+            StatusArg::Done => Self::Done,
+            StatusArg::Failed => Self::Failed,
+            StatusArg::Cancelled => Self::Cancelled,
+        }
+    }
 }
 
 /// An issue argument.

@@ -22,9 +22,9 @@ pub async fn run(config: PathBuf, command: ServiceCommand) -> Result<(), Failure
         .map_err(|e| Failure::other(format!("the service command failed: {e}")))?;
     // Under systemd's view, the daemon's own.
     if asks_status && let Some(health) = daemon_health(&config).await {
-        println!();
-        println!("claude-flow-daemon says:");
-        crate::commands::print_health(&health);
+        crate::out::outln!()?;
+        crate::out::outln!("claude-flow-daemon says:")?;
+        crate::commands::print_health(&health)?;
     }
     result
 }

@@ -71,6 +71,8 @@ fn list_show_and_logs_number_attempts_within_their_round() {
     let attempts: Vec<String> = shown
         .lines()
         .skip_while(|l| !l.starts_with("round "))
+        // A failed attempt's log lines are quoted under it, indented.
+        .filter(|l| !l.starts_with("    "))
         .map(|l| {
             let words: Vec<_> = l.split_whitespace().collect();
             match words[..] {

@@ -5,6 +5,8 @@
 //!
 //! Endpoints (CONTRACT section 6): `GET /healthz` ([`Health`], 200 or 503),
 //! `GET /metrics`, `GET /api/issues` (a list of [`IssueSummary`]),
+//! `GET /api/skipped` (the triggers the service ignored, a list of
+//! [`SkippedTrigger`]),
 //! `POST /api/issues/<owner>/<repo>/<n>/retry|cancel` (an [`IssueSummary`]),
 //! `POST /api/resume` ([`Resumed`]), `POST /webhook`. Errors come as
 //! [`ErrorBody`]. The `POST`s need the API's [`token`].
@@ -18,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::issue::IssueKey;
+use crate::issue_source::SkippedTrigger;
 use crate::orchestrator::{PollResult, RunningAttempt};
 use crate::record::IssueSummary;
 use crate::secret::Secret;
@@ -238,6 +241,14 @@ impl ApiClient {
     /// `GET /api/issues`: every issue the service knows.
     pub async fn issues(&self) -> Result<Vec<IssueSummary>, ApiError> {
         let url = self.url(&["api", "issues"]);
+        let response = self.send(self.http.get(url.clone()), &url).await?;
+        expect_success(response, &url).await
+    }
+
+    /// `GET /api/skipped`: the triggers the service's last successful poll
+    /// ignored, with the reason.
+    pub async fn skipped(&self) -> Result<Vec<SkippedTrigger>, ApiError> {
+        let url = self.url(&["api", "skipped"]);
         let response = self.send(self.http.get(url.clone()), &url).await?;
         expect_success(response, &url).await
     }

@@ -405,6 +405,10 @@ pub struct IssueSummary {
     /// When the next attempt may start, RFC 3339 to the second.
     #[serde(with = "rfc3339_seconds::option")]
     pub next_retry_at: Option<SystemTime>,
+    /// When the running attempt started, RFC 3339 to the second; `null`
+    /// when none runs.
+    #[serde(default, with = "rfc3339_seconds::option")]
+    pub started_at: Option<SystemTime>,
     /// The last failure, in words.
     pub last_error: Option<String>,
     /// Last change, RFC 3339 to the second.
@@ -425,6 +429,7 @@ impl IssueRecord {
             attempts: self.attempts_this_round().count(),
             pr_url: self.pr_url.clone(),
             next_retry_at: self.next_retry_at,
+            started_at: self.running_attempt().map(|a| a.started_at),
             last_error: self.last_error.clone(),
             updated_at: self.updated_at,
         }

@@ -10,6 +10,8 @@
 //! - `GET /metrics`: Prometheus text, from the recorder [`install_metrics`]
 //!   puts in place (404 without one).
 //! - `GET /api/issues`: every record, as `claude-flow list --json` prints it.
+//! - `GET /api/skipped`: the triggers the last successful poll ignored,
+//!   with the reason, as `claude-flow list --skipped --json` prints them.
 //! - `POST /api/issues/{owner}/{repo}/{n}/retry` and `.../cancel`: the
 //!   orchestrator's [`retry`](Orchestrator::retry) and
 //!   [`cancel`](Orchestrator::cancel); 200 with the issue's summary, 404 for
@@ -313,6 +315,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/issues", get(list_issues))
+        .route("/api/skipped", get(list_skipped))
         .route("/api/issues/{owner}/{repo}/{number}/retry", post(retry))
         .route("/api/issues/{owner}/{repo}/{number}/cancel", post(cancel))
         .route("/api/resume", post(resume))
@@ -700,6 +703,12 @@ async fn list_issues(State(state): State<HttpState>) -> Response {
         }
         Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// The triggers the last successful poll ignored, as the orchestrator
+/// keeps them (and `claude-flow list --skipped --json` prints them).
+async fn list_skipped(State(state): State<HttpState>) -> Response {
+    axum::Json(state.orchestrator.status().skipped).into_response()
 }
 
 type IssuePath = Result<Path<(String, String, u64)>, PathRejection>;

@@ -254,7 +254,7 @@ pub struct RunningAttempt {
 }
 
 /// An issue key as `owner/name#n` in JSON.
-mod display {
+pub(crate) mod display {
     use serde::{Deserialize, Deserializer, Serializer};
 
     use crate::issue::IssueKey;
