@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::TypedValueParser;
+use clap::{Args, Parser, Subcommand};
 use claude_flow_core::{IssueStatus, service_unit};
 
 /// Turn labeled issues into pull requests: run, operate and inspect claude-flow.
@@ -109,8 +110,8 @@ pub struct JsonArg {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Only issues with this status (several: comma-separated or repeated).
-    #[arg(long, value_name = "S", value_delimiter = ',', value_enum)]
-    pub status: Vec<StatusArg>,
+    #[arg(long, value_name = "S", value_delimiter = ',', value_parser = status_parser())]
+    pub status: Vec<IssueStatus>,
     /// The triggers the service ignored instead, with the reason (e.g. a
     /// label applied by someone without write permission).
     #[arg(long, conflicts_with = "status")]
@@ -119,34 +120,11 @@ pub struct ListArgs {
     pub json: JsonArg,
 }
 
-/// An issue status, as `list --status` takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StatusArg {
-    /// Waiting for a free slot.
-    Queued,
-    /// A workflow attempt runs.
-    Running,
-    /// Waiting for the next attempt.
-    Retrying,
-    /// The workflow succeeded.
-    Done,
-    /// Every attempt of the round failed.
-    Failed,
-    /// Cancelled.
-    Cancelled,
-}
-
-impl From<StatusArg> for IssueStatus {
-    fn from(s: StatusArg) -> Self {
-        match s {
-            StatusArg::Queued => Self::Queued,
-            StatusArg::Running => Self::Running,
-            StatusArg::Retrying => Self::Retrying,
-            StatusArg::Done => Self::Done,
-            StatusArg::Failed => Self::Failed,
-            StatusArg::Cancelled => Self::Cancelled,
-        }
-    }
+/// `list --status`: one of [`IssueStatus::ALL`], by name; anything else
+/// is a usage error listing them.
+fn status_parser() -> impl TypedValueParser<Value = IssueStatus> {
+    clap::builder::PossibleValuesParser::new(IssueStatus::ALL.map(IssueStatus::as_str))
+        .try_map(|s| s.parse::<IssueStatus>())
 }
 
 /// An issue argument.

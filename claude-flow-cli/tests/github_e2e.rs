@@ -354,12 +354,7 @@ exit 1"#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trigger_from_someone_without_write_permission_is_listed_as_skipped() {
     let server = fake_github_labeled_by("mallory", "read").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{}", common::free_port());
     let f = Fixture::new();
     f.config(json!({
         "source": "github",
@@ -368,13 +363,7 @@ async fn a_trigger_from_someone_without_write_permission_is_listed_as_skipped() 
         "service": {"listen": listen}
     }));
     f.workflow("echo never run");
-    let daemon = claude_flow_daemon::Daemon::builder(f.config_path())
-        .init_logging(false)
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let daemon = common::start_service(&f).await;
     let mut status = daemon.orchestrator().subscribe_status();
     tokio::time::timeout(common::PATIENCE, status.wait_for(|s| !s.skipped.is_empty()))
         .await

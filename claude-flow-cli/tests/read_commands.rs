@@ -11,18 +11,11 @@ use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 
-use claude_flow_daemon::{Daemon, DaemonHandle};
-use common::{Fixture, PATIENCE, wait_for};
+use common::{Fixture, free_port, read_until, start_service, wait_for};
 use serde_json::{Value, json};
 
 fn run(f: &Fixture, args: &[&str]) -> String {
-    let out = f.cli().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "claude-flow {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    f.stdout(args)
 }
 
 /// The exit code and stderr of a command that must fail.
@@ -33,14 +26,6 @@ fn fail(f: &Fixture, args: &[&str]) -> (i32, String) {
         out.status.code().unwrap(),
         String::from_utf8(out.stderr).unwrap(),
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
@@ -186,24 +171,6 @@ touch $root/started
 while [ ! -e $root/release ]; do sleep 0.05; done
 echo "finished""#;
 
-fn start(rt: &tokio::runtime::Runtime, f: &Fixture) -> DaemonHandle {
-    rt.block_on(async {
-        let handle = Daemon::builder(f.config_path())
-            .init_logging(false)
-            .build()
-            .unwrap()
-            .start()
-            .await
-            .unwrap();
-        let mut status = handle.orchestrator().subscribe_status();
-        tokio::time::timeout(PATIENCE, status.wait_for(|s| s.last_poll.is_some()))
-            .await
-            .expect("the first poll")
-            .unwrap();
-        handle
-    })
-}
-
 fn entry<'a>(list: &'a [Value], issue: &str) -> &'a Value {
     list.iter()
         .find(|e| e["issue"] == issue)
@@ -227,7 +194,7 @@ fn a_running_and_a_retrying_issue_as_status_list_and_logs_show_them() {
         .enable_all()
         .build()
         .unwrap();
-    let handle = start(&rt, &f);
+    let handle = rt.block_on(start_service(&f));
     wait_for("issue 1 to start", || f.path("started").exists());
     wait_for("issue 2 to wait for its retry", || {
         f.list()
@@ -289,12 +256,7 @@ fn a_running_and_a_retrying_issue_as_status_list_and_logs_show_them() {
         .unwrap();
     let mut stdout = follow.stdout.take().unwrap();
     let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("step 5\n") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "logs --follow ended early: {seen:?}");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut stdout, &mut seen, "step 5\n");
     std::fs::write(f.path("release"), "").unwrap();
     stdout.read_to_end(&mut seen).unwrap();
     assert!(follow.wait().unwrap().success());

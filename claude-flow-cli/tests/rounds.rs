@@ -14,13 +14,7 @@ const SECOND_TIME_LUCKY: &str = r#"echo "round $CLAUDE_FLOW_ROUND attempt $CLAUD
 echo ok"#;
 
 fn stdout(f: &Fixture, args: &[&str]) -> String {
-    let out = f.cli().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "claude-flow {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    f.stdout(args)
 }
 
 /// Issue 1 after two rounds of two attempts each.
@@ -152,13 +146,7 @@ echo "last line""#,
         .unwrap();
     let mut out = follow.stdout.take().unwrap();
     let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("round 2") {
-        use std::io::Read;
-        let n = out.read(&mut buf).unwrap();
-        assert!(n > 0, "logs --follow ended early");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    common::read_until(&mut out, &mut seen, "round 2");
     std::fs::write(f.path("gate"), "").unwrap();
     assert!(service.wait().unwrap().success());
     {

@@ -30,6 +30,16 @@ pub enum IssueStatus {
 }
 
 impl IssueStatus {
+    /// Every status, in the order of an issue's life.
+    pub const ALL: [Self; 6] = [
+        Self::Queued,
+        Self::Running,
+        Self::Retrying,
+        Self::Done,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
     /// Done, failed or cancelled: nothing more happens until a new round.
     pub fn is_settled(self) -> bool {
         matches!(self, Self::Done | Self::Failed | Self::Cancelled)
@@ -45,6 +55,21 @@ impl IssueStatus {
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
         }
+    }
+}
+
+impl std::str::FromStr for IssueStatus {
+    type Err = String;
+
+    /// The name [`as_str`](IssueStatus::as_str) gives.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|s| s.as_str()).collect();
+                format!("unknown status {s:?}; one of: {}", names.join(", "))
+            })
     }
 }
 
@@ -480,6 +505,20 @@ mod rfc3339_seconds {
 mod tests {
     use super::*;
     use crate::issue::IssueKey;
+
+    #[test]
+    fn statuses_parse_from_the_names_they_print_and_nothing_else() {
+        for status in IssueStatus::ALL {
+            assert_eq!(status.as_str().parse::<IssueStatus>(), Ok(status));
+            let json = serde_json::to_value(status).unwrap();
+            assert_eq!(json, status.as_str());
+        }
+        let err = "Done".parse::<IssueStatus>().unwrap_err();
+        assert!(
+            err.contains("queued, running, retrying, done, failed, cancelled"),
+            "{err}"
+        );
+    }
 
     fn attempt(round: u32, number: u32, outcome: AttemptOutcome) -> Attempt {
         Attempt {

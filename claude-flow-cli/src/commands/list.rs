@@ -1,8 +1,8 @@
 //! `claude-flow list [--status S] [--skipped]`: the known issues, or the
 //! triggers the service ignored.
 
+use claude_flow_core::IssueRecord;
 use claude_flow_core::config::Config;
-use claude_flow_core::{IssueRecord, IssueStatus};
 use serde_json::json;
 
 use super::state::ReadState;
@@ -16,7 +16,7 @@ pub async fn list(config: &Config, args: &ListArgs) -> Result<(), Failure> {
     if args.skipped {
         return skipped(&state, args.json.json).await;
     }
-    let wanted: Vec<IssueStatus> = args.status.iter().map(|s| (*s).into()).collect();
+    let wanted = &args.status;
     let records = state.records().await?;
     // The same numbers as `GET /api/issues`.
     let summaries: Vec<_> = records

@@ -12,16 +12,6 @@ use super::state::ReadState;
 use super::{Failure, api_failure, human, rfc3339};
 use crate::out::{self, outln};
 
-/// Every status, in the order of an issue's life.
-const STATUSES: [IssueStatus; 6] = [
-    IssueStatus::Queued,
-    IssueStatus::Running,
-    IssueStatus::Retrying,
-    IssueStatus::Done,
-    IssueStatus::Failed,
-    IssueStatus::Cancelled,
-];
-
 /// What the service is doing: a quota pause, the running attempts, the
 /// last poll.
 struct Activity {
@@ -156,7 +146,7 @@ pub async fn status(config: &Config, json: bool) -> Result<(), Failure> {
     };
     let count = |s| records.iter().filter(|r| r.status == s).count();
     if json {
-        let counts: serde_json::Map<_, _> = STATUSES
+        let counts: serde_json::Map<_, _> = IssueStatus::ALL
             .iter()
             .map(|s| (s.as_str().to_owned(), json!(count(*s))))
             .collect();
@@ -192,7 +182,7 @@ pub async fn status(config: &Config, json: bool) -> Result<(), Failure> {
             }
         }
         outln!("state:   {}", config.service.state_dir.display())?;
-        for s in STATUSES {
+        for s in IssueStatus::ALL {
             outln!("{:<10} {}", format!("{s}:"), count(s))?;
         }
     }
