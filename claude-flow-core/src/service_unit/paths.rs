@@ -146,6 +146,10 @@ pub(super) fn problems(uses: &[PathUse], account: &Account) -> Vec<String> {
             ));
             continue;
         }
+        // systemd hands the unit's StateDirectory= to the user at start.
+        if u.how == Use::Write && u.path.starts_with(super::DEFAULT_STATE_DIR) {
+            continue;
+        }
         if let Err(why) = access(account, &u.path, u.how) {
             found.push(format!("{} {shown}: {why}", u.key));
         }
