@@ -13,6 +13,7 @@ mod orchestrator;
 mod record;
 pub mod runner;
 mod secret;
+pub mod service_dirs;
 pub mod service_unit;
 pub mod signals;
 pub mod state;
