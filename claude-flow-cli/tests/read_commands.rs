@@ -48,6 +48,9 @@ fn output_into_a_closed_pipe_ends_every_read_command_quietly() {
         &["config", "show"],
         &["completions", "bash"],
         &["--help"],
+        // Without systemd here: the dry run notes that, then its plan.
+        &["service", "status", "--dry-run"],
+        &["service", "install", "--dry-run", "--daemon", "/bin/true"],
     ];
     for args in commands {
         // The reading end is closed before the command writes anything,
