@@ -1,5 +1,7 @@
 //! The service's HTTP side on `service.listen` (CONTRACT section 6).
 //!
+//! - `GET /` and the pages under it: the web console (see
+//!   the `console` module), read-only.
 //! - `GET /healthz`: 200 with what the service is doing ([`Health`]); 503
 //!   with the same body and a `reason` while it is stopping, after
 //!   [`FAILED_POLLS_UNHEALTHY`] polls failed in a row, or when no poll has
@@ -54,7 +56,7 @@
 //!   the API token ([`ApiToken`]), compared in constant time, else 401
 //!   with a body saying where the token is.
 //!
-//! Reads (`/healthz`, `/metrics`, `GET /api/issues`) need no token: a page
+//! Reads (the console, `/healthz`, `/metrics`, `GET /api/issues`) need no token: a page
 //! elsewhere cannot read their answers (no CORS headers are ever sent),
 //! and the `Host` check stops rebinding. Webhooks carry their own
 //! signature.
@@ -217,6 +219,14 @@ impl HttpState {
         *self.webhook.write().unwrap_or_else(|e| e.into_inner()) = webhook.map(Arc::new);
     }
 
+    pub(crate) fn orchestrator(&self) -> &Arc<Orchestrator> {
+        &self.orchestrator
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
+    }
+
     fn webhook(&self) -> Option<Arc<WebhookConfig>> {
         self.webhook
             .read()
@@ -309,7 +319,7 @@ pub async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToke
 
 /// The routes above, over `state`.
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    crate::console::routes()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/issues", get(list_issues))
