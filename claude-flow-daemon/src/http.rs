@@ -152,6 +152,8 @@ pub struct HttpState {
     webhook: Arc<RwLock<Option<Arc<WebhookConfig>>>>,
     api_token: Arc<RwLock<Option<Arc<ApiToken>>>>,
     metrics: Option<PrometheusHandle>,
+    /// `service.log_dir`: where the console finds a running attempt's log.
+    log_dir: Option<std::path::PathBuf>,
     /// Before the first poll, the health check counts from here.
     since: SystemTime,
 }
@@ -178,6 +180,7 @@ impl HttpState {
             webhook: Arc::default(),
             api_token: Arc::default(),
             metrics: None,
+            log_dir: None,
             since: SystemTime::now(),
         }
     }
@@ -217,6 +220,17 @@ impl HttpState {
     /// disables `POST /webhook`.
     pub fn set_webhook(&self, webhook: Option<WebhookConfig>) {
         *self.webhook.write().unwrap_or_else(|e| e.into_inner()) = webhook.map(Arc::new);
+    }
+
+    /// Where workflow logs go (`service.log_dir`), for the console to
+    /// follow a running attempt's log, whose record does not name it yet.
+    pub fn with_log_dir(mut self, log_dir: std::path::PathBuf) -> Self {
+        self.log_dir = Some(log_dir);
+        self
+    }
+
+    pub(crate) fn log_dir(&self) -> Option<&std::path::Path> {
+        self.log_dir.as_deref()
     }
 
     pub(crate) fn orchestrator(&self) -> &Arc<Orchestrator> {

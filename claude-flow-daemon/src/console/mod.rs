@@ -34,7 +34,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use claude_flow_core::runner::log_tail;
+use claude_flow_core::runner::{attempt_log_path, log_tail};
 use claude_flow_core::{IssueKey, IssueRecord, RepoId};
 use maud::{Markup, html};
 
@@ -147,7 +147,12 @@ async fn log_events(
     else {
         return error_page(StatusCode::NOT_FOUND, "no such attempt");
     };
-    let Some(path) = attempt.log_path.clone() else {
+    let path = attempt.log_path.clone().or_else(|| {
+        let running = attempt.outcome.is_none();
+        let dir = state.log_dir().filter(|_| running)?;
+        Some(attempt_log_path(dir, record.key(), round, number))
+    });
+    let Some(path) = path else {
         return error_page(StatusCode::NOT_FOUND, "this attempt has no log");
     };
     let resume_at = headers

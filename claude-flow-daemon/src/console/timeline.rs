@@ -14,16 +14,17 @@ use super::layout::{outcome_class, outcome_text, timestamp};
 
 /// The window sizes offered, smallest first: the first that holds every
 /// attempt started in the largest is used.
-const WINDOWS: [Duration; 5] = [
-    Duration::from_secs(10 * 60),
-    Duration::from_secs(30 * 60),
+const WINDOWS: [Duration; 6] = [
+    Duration::from_secs(60),
+    Duration::from_secs(5 * 60),
+    Duration::from_secs(15 * 60),
     Duration::from_secs(3600),
     Duration::from_secs(3 * 3600),
     Duration::from_secs(6 * 3600),
 ];
 
 /// Tick steps, smallest first: the first giving at most [`MAX_TICKS`].
-const TICKS: [u64; 8] = [60, 120, 300, 600, 900, 1800, 3600, 7200];
+const TICKS: [u64; 11] = [10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200];
 const MAX_TICKS: u64 = 8;
 
 /// Lanes drawn at most; a service with more slots shows the busiest.
@@ -101,10 +102,12 @@ pub(super) fn render(
                     title { "paused " (timestamp(*from)) " to " (timestamp(*to)) ": " (why) }
                 }
             }
-            @for t in ticks(start, end) {
+            @let (ticks, step) = ticks(start, end);
+            @for t in ticks {
                 line.tick x1=(x(t)) x2=(x(t)) y1=(TOP) y2=(bottom + 4.0) {}
                 text.tick-label x=(x(t)) y=(bottom + 16.0) {
-                    (timestamp(t).get(11..16).unwrap_or(""))
+                    // Seconds only when ticks are less than a minute apart.
+                    (timestamp(t).get(11..if step < 60 { 19 } else { 16 }).unwrap_or(""))
                 }
             }
             @for (from, to, lane_from, lane_to) in &backoffs {
@@ -241,8 +244,8 @@ fn pauses(
 }
 
 /// Tick times (whole multiples of a step, in UTC) between `start` and
-/// `end`.
-fn ticks(start: SystemTime, end: SystemTime) -> Vec<SystemTime> {
+/// `end`, and the step in seconds.
+fn ticks(start: SystemTime, end: SystemTime) -> (Vec<SystemTime>, u64) {
     let secs = |t: SystemTime| {
         t.duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -253,9 +256,10 @@ fn ticks(start: SystemTime, end: SystemTime) -> Vec<SystemTime> {
         .into_iter()
         .find(|s| (to - from) / s <= MAX_TICKS)
         .unwrap_or(TICKS[TICKS.len() - 1]);
-    (from.div_ceil(step)..=to / step)
+    let ticks = (from.div_ceil(step)..=to / step)
         .map(|k| SystemTime::UNIX_EPOCH + Duration::from_secs(k * step))
-        .collect()
+        .collect();
+    (ticks, step)
 }
 
 #[cfg(test)]
