@@ -151,3 +151,48 @@ fn section<'a>(body: &'a str, id: &str) -> &'a str {
     let rest = &body[start..];
     &rest[..rest.find("</section>").unwrap()]
 }
+
+#[tokio::test]
+async fn the_running_attempts_log_streams_as_it_grows_and_ends_with_the_attempt() {
+    let logs = tempfile::tempdir().unwrap();
+    let dir = logs.path().to_owned();
+    let source = Arc::new(MemorySource::new([Issue::new(key(1), "Talks")]));
+    let mut options = Options::new(source);
+    options.behaviour = |_| Behaviour::Hold;
+    let service = Service::start_with(options, |state| state.with_log_dir(dir)).await;
+    service
+        .wait_status("issue 1 running", |s| s.running.len() == 1)
+        .await;
+    // Where the subprocess runner would write it; this runner writes none.
+    let log = claude_flow_core::runner::attempt_log_path(logs.path(), &key(1), 1, 1);
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    std::fs::write(&log, "line 1\n").unwrap();
+
+    let mut events = service
+        .http
+        .get(service.url("/issues/acme/widgets/1/rounds/1/attempts/1/log"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let mut seen = String::new();
+    let mut read_until = async |what: &str| {
+        while !seen.contains(what) {
+            let chunk = tokio::time::timeout(support::PATIENCE, events.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("no {what:?} in {seen:?}"))
+                .unwrap()
+                .unwrap_or_else(|| panic!("the stream ended before {what:?}: {seen:?}"));
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    read_until("data: line 1\n").await;
+    // A line written now arrives on the open stream, with its offset as id.
+    let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut file, b"line 2\r\n").unwrap();
+    read_until("data: line 2\n").await;
+    read_until("id: 15\n").await;
+    service.orchestrator.cancel(&key(1)).await.unwrap();
+    read_until("event: end\n").await;
+}
