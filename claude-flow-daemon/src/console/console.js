@@ -109,6 +109,13 @@
 
   bind(document);
 
+  // A log's last lines matter most: show the end of each.
+  for (const pre of document.querySelectorAll("pre.log")) {
+    pre.scrollTop = pre.scrollHeight;
+    const details = pre.closest("details");
+    if (details) details.addEventListener("toggle", () => { pre.scrollTop = pre.scrollHeight; });
+  }
+
   const log = $("live-log");
   if (log) {
     const state = $("live-state");

@@ -12,7 +12,7 @@ use super::layout::{
 };
 
 /// Lines shown of a failed attempt's log.
-pub(super) const TAIL_LINES: usize = 30;
+pub(super) const TAIL_LINES: usize = 20;
 
 /// Failed attempts whose log's end is shown (newest first).
 pub(super) const TAILS_SHOWN: usize = 5;
