@@ -68,11 +68,7 @@ impl Fixture {
         std::fs::write(&workflow, WORKFLOW).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&workflow, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = browser::free_port();
         let config = json!({
             "source": "local",
             "local": {"dir": "issues"},
@@ -272,10 +268,8 @@ async fn the_console_shows_running_and_failed_issues_live_and_safely() {
     );
     let token = std::fs::read_to_string(service.root.join("state/api-token")).unwrap();
     browser
-        .client
-        .find(fantoccini::Locator::Css("#token-input"))
+        .find("#token-input")
         .await
-        .unwrap()
         .send_keys(token.trim())
         .await
         .unwrap();

@@ -54,14 +54,10 @@ pub(super) fn issue_href(key: &IssueKey) -> String {
     )
 }
 
-/// The API's path of an action on an issue (`retry`, `cancel`).
+/// The API's path of an action on an issue (`retry`, `cancel`): the
+/// console's pages mirror the API's paths.
 pub(super) fn action_href(key: &IssueKey, action: &str) -> String {
-    format!(
-        "/api/issues/{}/{}/{}/{action}",
-        key.repo.owner(),
-        key.repo.name(),
-        key.number
-    )
+    format!("/api{}/{action}", issue_href(key))
 }
 
 /// A button the script turns into an authorised `POST` to `path`.

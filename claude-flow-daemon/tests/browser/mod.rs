@@ -33,6 +33,15 @@ impl Drop for Browser {
     }
 }
 
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Where `name` is: an absolute path as given, else the first on `PATH`.
 fn find(name: &str) -> Option<PathBuf> {
     let path = Path::new(name);
@@ -78,11 +87,7 @@ pub async fn start(test: &str) -> Option<Browser> {
         );
         return None;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let driver = Command::new(driver)
         .arg(format!("--port={port}"))
         .stdin(Stdio::null())
@@ -131,13 +136,15 @@ async fn connect_when_up(url: &str, browser: &Path) -> Client {
 impl Browser {
     /// The text of the first element matching `css` (as a user sees it).
     pub async fn text(&self, css: &str) -> String {
+        self.find(css).await.text().await.unwrap()
+    }
+
+    /// The first element matching `css`.
+    pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
         self.client
             .find(fantoccini::Locator::Css(css))
             .await
             .unwrap_or_else(|e| panic!("no {css}: {e}"))
-            .text()
-            .await
-            .unwrap()
     }
 
     /// Waits until the text of `css` satisfies `cond`, and returns it.
@@ -166,13 +173,7 @@ impl Browser {
 
     /// Clicks the first element matching `css`.
     pub async fn click(&self, css: &str) {
-        self.client
-            .find(fantoccini::Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no {css}: {e}"))
-            .click()
-            .await
-            .unwrap();
+        self.find(css).await.click().await.unwrap();
     }
 
     /// Ends the session (the browser exits), then chromedriver.
