@@ -232,13 +232,11 @@ fn pauses(
         .collect();
     if let Some(until) = status.paused_until.filter(|t| *t > now) {
         let why = status.pause_reason.clone().unwrap_or_default();
-        let from = pauses
-            .iter()
-            .filter(|(_, to, _)| *to == until)
-            .map(|(from, _, _)| *from)
-            .min()
-            .unwrap_or(now);
-        pauses.push((from, until, why));
+        // Usually the pause of the last quota exit: one band, its reason.
+        match pauses.iter_mut().find(|(_, to, _)| *to == until) {
+            Some(band) => band.2 = why,
+            None => pauses.push((now, until, why)),
+        }
     }
     pauses
 }
@@ -264,27 +262,81 @@ fn ticks(start: SystemTime, end: SystemTime) -> (Vec<SystemTime>, u64) {
 
 #[cfg(test)]
 mod tests {
+    use claude_flow_core::Issue;
+
     use super::*;
 
-    #[test]
-    fn overlapping_attempts_take_separate_lanes_and_a_free_lane_is_reused() {
-        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
-        let key: IssueKey = "o/r#1".parse().unwrap_or_else(|e| panic!("{e}"));
-        let attempt = |from, to| Attempt {
-            number: 1,
+    fn t(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
+    }
+
+    fn attempt(number: u32, from: u64, to: u64, outcome: AttemptOutcome) -> Attempt {
+        Attempt {
+            number,
             round: 1,
             run_id: String::new(),
             started_at: t(from),
             finished_at: Some(t(to)),
-            outcome: Some(AttemptOutcome::Succeeded),
-            exit_code: Some(0),
+            outcome: Some(outcome),
+            exit_code: None,
             signal: None,
             log_path: None,
             pr_url: None,
-        };
-        let (a, b, c) = (attempt(0, 10), attempt(5, 20), attempt(12, 30));
+        }
+    }
+
+    fn failed() -> AttemptOutcome {
+        AttemptOutcome::Failed {
+            reason: "exit code 1".into(),
+        }
+    }
+
+    fn key(n: u64) -> IssueKey {
+        format!("o/r#{n}").parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn overlapping_attempts_take_separate_lanes_and_a_free_lane_is_reused() {
+        let key = key(1);
+        let (a, b, c) = (
+            attempt(1, 0, 10, failed()),
+            attempt(2, 5, 20, failed()),
+            attempt(3, 12, 30, failed()),
+        );
         let bars = lay_out(&[(&key, &a), (&key, &b), (&key, &c)], t(100));
         let lanes: Vec<usize> = bars.iter().map(|b| b.lane).collect();
         assert_eq!(lanes, [0, 1, 0]);
+    }
+
+    #[test]
+    fn backoffs_retries_to_come_and_pauses_are_drawn() {
+        let now = t(600);
+        // Issue 1 failed, waited, failed again, and waits for its third.
+        let mut retrying = IssueRecord::new(Issue::new(key(1), "one"));
+        retrying.attempts = vec![
+            attempt(1, 100, 110, failed()),
+            attempt(2, 170, 180, failed()),
+        ];
+        retrying.status = IssueStatus::Retrying;
+        retrying.next_retry_at = Some(t(640));
+        // Issue 2 ran out of quota: nothing starts until t(700).
+        let mut paused = IssueRecord::new(Issue::new(key(2), "two"));
+        let quota = AttemptOutcome::QuotaExhausted { until: t(700) };
+        paused.attempts = vec![attempt(1, 300, 310, quota)];
+        paused.status = IssueStatus::Queued;
+        let status = Status {
+            paused_until: Some(t(700)),
+            pause_reason: Some("quota".into()),
+            ..Status::default()
+        };
+        let svg = render(&[retrying, paused], &status, 2, now).into_string();
+        assert_eq!(svg.matches("<line class=\"backoff\"").count(), 2, "{svg}");
+        assert_eq!(svg.matches("<circle class=\"retry\"").count(), 1, "{svg}");
+        assert!(svg.contains("o/r#1: next retry at"), "{svg}");
+        // The quota exit's pause and the current one are the same band.
+        assert_eq!(svg.matches("<rect class=\"pause\"").count(), 1, "{svg}");
+        assert!(svg.contains(": quota</title>"), "{svg}");
+        assert_eq!(svg.matches("class=\"bar failed\"").count(), 2, "{svg}");
+        assert_eq!(svg.matches("class=\"bar quota\"").count(), 1, "{svg}");
     }
 }
