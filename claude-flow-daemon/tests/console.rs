@@ -196,3 +196,47 @@ async fn the_running_attempts_log_streams_as_it_grows_and_ends_with_the_attempt(
     service.orchestrator.cancel(&key(1)).await.unwrap();
     read_until("event: end\n").await;
 }
+
+/// A source that ignored a trigger, as the GitHub source does for an
+/// untrusted labeller.
+struct Skipping(MemorySource);
+
+#[async_trait::async_trait]
+impl claude_flow_core::IssueSource for Skipping {
+    async fn poll(&self) -> Result<Vec<Issue>, claude_flow_core::SourceError> {
+        self.0.poll().await
+    }
+    async fn report(
+        &self,
+        issue: &Issue,
+        report: &claude_flow_core::Report,
+        reports: &mut claude_flow_core::Reports,
+    ) -> Result<(), claude_flow_core::SourceError> {
+        self.0.report(issue, report, reports).await
+    }
+    fn skipped(&self) -> Vec<claude_flow_core::issue_source::SkippedTrigger> {
+        vec![claude_flow_core::issue_source::SkippedTrigger {
+            issue: key(7),
+            title: HOSTILE.into(),
+            reason: "the label was applied by mallory, whose permission is read (write required)"
+                .into(),
+        }]
+    }
+}
+
+#[tokio::test]
+async fn skipped_triggers_show_with_their_reason() {
+    let service = Service::start(Options::new(Arc::new(Skipping(MemorySource::default())))).await;
+    service
+        .wait_status("a poll", |s| !s.skipped.is_empty())
+        .await;
+    let (_, _, body) = page(&service, "/").await;
+    let skipped = section(&body, "skipped");
+    assert!(skipped.contains("acme/widgets#7"), "{skipped}");
+    assert!(
+        skipped.contains("applied by mallory, whose permission is read (write required)"),
+        "{skipped}"
+    );
+    assert!(skipped.contains("&lt;script&gt;window.pwned"), "{skipped}");
+    assert!(!skipped.contains("<script>"), "{skipped}");
+}
