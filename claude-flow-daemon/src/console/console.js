@@ -78,8 +78,11 @@
     }
   }
 
+  // The service's clock minus the browser's, at load.
+  const served = Number(document.body.dataset.now);
+  const skew = served > 0 ? served - Date.now() / 1000 : 0;
   setInterval(() => {
-    const now = Date.now() / 1000;
+    const now = Date.now() / 1000 + skew;
     for (const e of document.querySelectorAll(".elapsed[data-since]")) {
       e.textContent = span(Math.max(0, Math.floor(now - Number(e.dataset.since))));
     }

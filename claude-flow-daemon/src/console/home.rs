@@ -64,7 +64,7 @@ pub(super) fn render(
                 p.empty { "Nothing waits." }
             } @else {
                 table {
-                    thead { tr { th { "issue" } th { "title" } th { "status" } th { "next" } th { "last error" } } }
+                    thead { tr { th { "issue" } th { "title" } th { "status" } th { "next" } th { "last error" } th {} } }
                     tbody {
                         @for r in &waiting {
                             tr {
@@ -73,6 +73,7 @@ pub(super) fn render(
                                 td { (status_badge(r.status)) }
                                 td { (next_start(r, status, now)) }
                                 td.reason { (r.last_error.as_deref().unwrap_or("")) }
+                                td { (action_button("Cancel", &super::layout::action_href(r.key(), "cancel"))) }
                             }
                         }
                     }

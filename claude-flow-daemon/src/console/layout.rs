@@ -20,7 +20,7 @@ pub(super) fn page(title: &str, refresh: bool, body: Markup) -> Markup {
                 link rel="stylesheet" href=(super::CSS_PATH);
                 script src=(super::JS_PATH) defer {}
             }
-            body data-refresh=[refresh.then_some("10")] {
+            body data-refresh=[refresh.then_some("10")] data-now=(epoch(SystemTime::now())) {
                 header {
                     nav {
                         a.brand href="/" { "claude-flow" }
@@ -97,15 +97,19 @@ pub(super) fn span(d: Duration) -> String {
 }
 
 /// Time since `t`, which the script keeps counting (`data-since`, epoch
-/// seconds).
+/// seconds; the page's `data-now` is the service's clock, so that a
+/// browser whose clock is off still counts right).
 pub(super) fn elapsed(t: SystemTime, now: SystemTime) -> Markup {
-    let since = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
     html! {
-        span.elapsed data-since=(since) { (span(now.duration_since(t).unwrap_or_default())) }
+        span.elapsed data-since=(epoch(t)) { (span(now.duration_since(t).unwrap_or_default())) }
     }
+}
+
+/// Seconds since 1970, for the script.
+fn epoch(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// `in 3m 12s` or `due` for a time still to come.
