@@ -110,7 +110,8 @@ impl Daemon {
                 .map_err(|e| Error::Other(e.to_string()))?;
             let store: Arc<dyn StateStore> = self.store.clone();
             let mut state = HttpState::new(Arc::clone(&self.orchestrator), store)
-                .with_webhook(WebhookConfig::from_config(config));
+                .with_webhook(WebhookConfig::from_config(config))
+                .with_log_dir(config.service.log_dir());
             if let Some(token) = &self.reloader.api_token {
                 state = state.with_api_token(token.clone());
             }

@@ -1,5 +1,7 @@
 //! The service's HTTP side on `service.listen` (CONTRACT section 6).
 //!
+//! - `GET /` and the pages under it: the web console (see
+//!   the `console` module), read-only.
 //! - `GET /healthz`: 200 with what the service is doing ([`Health`]); 503
 //!   with the same body and a `reason` while it is stopping, after
 //!   [`FAILED_POLLS_UNHEALTHY`] polls failed in a row, or when no poll has
@@ -56,7 +58,7 @@
 //!   the API token ([`ApiToken`]), compared in constant time, else 401
 //!   with a body saying where the token is.
 //!
-//! Reads (`/healthz`, `/metrics`, `GET /api/issues`) need no token: a page
+//! Reads (the console, `/healthz`, `/metrics`, `GET /api/issues`) need no token: a page
 //! elsewhere cannot read their answers (no CORS headers are ever sent),
 //! and the `Host` check stops rebinding. Webhooks carry their own
 //! signature.
@@ -152,6 +154,8 @@ pub struct HttpState {
     webhook: Arc<RwLock<Option<Arc<WebhookConfig>>>>,
     api_token: Arc<RwLock<Option<Arc<ApiToken>>>>,
     metrics: Option<PrometheusHandle>,
+    /// `service.log_dir`: where the console finds a running attempt's log.
+    log_dir: Option<std::path::PathBuf>,
     /// Before the first poll, the health check counts from here.
     since: SystemTime,
 }
@@ -178,6 +182,7 @@ impl HttpState {
             webhook: Arc::default(),
             api_token: Arc::default(),
             metrics: None,
+            log_dir: None,
             since: SystemTime::now(),
         }
     }
@@ -217,6 +222,25 @@ impl HttpState {
     /// disables `POST /webhook`.
     pub fn set_webhook(&self, webhook: Option<WebhookConfig>) {
         *self.webhook.write().unwrap_or_else(|e| e.into_inner()) = webhook.map(Arc::new);
+    }
+
+    /// Where workflow logs go (`service.log_dir`), for the console to
+    /// follow a running attempt's log, whose record does not name it yet.
+    pub fn with_log_dir(mut self, log_dir: std::path::PathBuf) -> Self {
+        self.log_dir = Some(log_dir);
+        self
+    }
+
+    pub(crate) fn log_dir(&self) -> Option<&std::path::Path> {
+        self.log_dir.as_deref()
+    }
+
+    pub(crate) fn orchestrator(&self) -> &Arc<Orchestrator> {
+        &self.orchestrator
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
     }
 
     fn webhook(&self) -> Option<Arc<WebhookConfig>> {
@@ -311,7 +335,7 @@ pub async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToke
 
 /// The routes above, over `state`.
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    crate::console::routes()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/issues", get(list_issues))

@@ -270,9 +270,26 @@ async fn scan_log(path: &Path, issue: &Issue) -> Result<WorkflowOutput, RunnerEr
 
 /// `<log_dir>/<owner>__<repo>/issue-<n>`.
 pub(crate) fn log_dir_for(log_dir: &Path, issue: &Issue) -> PathBuf {
+    issue_log_dir(log_dir, &issue.key)
+}
+
+fn issue_log_dir(log_dir: &Path, key: &crate::IssueKey) -> PathBuf {
     log_dir
-        .join(issue.key.repo.dir_name())
-        .join(format!("issue-{}", issue.key.number))
+        .join(key.repo.dir_name())
+        .join(format!("issue-{}", key.number))
+}
+
+/// Where this runner writes an attempt's log (CONTRACT section 4):
+/// `<log_dir>/<owner>__<repo>/issue-<n>/round-<r>-attempt-<k>.log`. A
+/// running attempt's record has no `log_path` yet; readers of its log
+/// find it here.
+pub fn attempt_log_path(
+    log_dir: &Path,
+    key: &crate::IssueKey,
+    round: u32,
+    attempt: u32,
+) -> PathBuf {
+    issue_log_dir(log_dir, key).join(format!("round-{round}-attempt-{attempt}.log"))
 }
 
 struct Prepared {
