@@ -15,6 +15,8 @@ pub mod runner;
 mod secret;
 pub mod service_unit;
 pub mod signals;
+#[cfg(test)]
+mod small_fs;
 pub mod state;
 
 pub use config::Config;

@@ -5,6 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use super::*;
 use crate::issue::Issue;
 use crate::record::IssueStatus;
+use crate::small_fs::SmallFs;
 
 fn record(n: u64, status: IssueStatus) -> IssueRecord {
     let key = IssueKey::new("o/r".parse().unwrap(), n);
@@ -484,65 +485,6 @@ async fn torn_tails_in_the_same_second_each_get_their_own_file() {
         contents,
         [&b"{\"partial\":0"[..], b"{\"partial\":1", b"{\"partial\":2"]
     );
-}
-
-/// A tmpfs of a few hundred KiB, unmounted on drop.
-struct SmallFs(tempfile::TempDir);
-
-impl SmallFs {
-    /// `None`, after saying so loudly, when this process may not mount.
-    fn mount(test: &str, kib: u64) -> Option<Self> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED {test}: mounting a small tmpfs needs root");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        // A system call, not the `mount` program: a child process would
-        // hold copies of other tests' lock descriptors until it execs.
-        let options = format!("size={kib}k,mode=0700");
-        match nix::mount::mount(
-            Some("tmpfs"),
-            dir.path(),
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            Some(options.as_str()),
-        ) {
-            Ok(()) => Some(Self(dir)),
-            Err(e) => {
-                eprintln!("SKIPPED {test}: cannot mount a tmpfs: {e}");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-
-    fn free(&self) -> u64 {
-        let s = nix::sys::statvfs::statvfs(self.path()).unwrap();
-        s.blocks_available() * s.fragment_size()
-    }
-
-    /// Writes a file of `len` bytes (or as much as fits).
-    fn fill(&self, name: &str, len: u64) {
-        let mut f = File::create(self.path().join(name)).unwrap();
-        let chunk = vec![b'x'; 4096];
-        let mut left = len;
-        while left > 0 {
-            let n = usize::try_from(left.min(4096)).unwrap();
-            if f.write_all(&chunk[..n]).is_err() {
-                break;
-            }
-            left -= n as u64;
-        }
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(self.0.path(), nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 #[tokio::test]
