@@ -487,6 +487,14 @@ async fn torn_tails_in_the_same_second_each_get_their_own_file() {
     );
 }
 
+/// Starts the store in `dir`, puts a new record `n` and stops it.
+async fn start_and_put(dir: &Path, n: u64) -> IssueRecord {
+    let store = FileStore::open(dir).unwrap();
+    let r = record(n, IssueStatus::Queued);
+    store.put(&r).await.unwrap();
+    r
+}
+
 #[tokio::test]
 async fn a_restart_after_the_disk_filled_up_needs_no_free_space() {
     let test = "a_restart_after_the_disk_filled_up_needs_no_free_space";
@@ -535,12 +543,7 @@ async fn a_restart_after_the_disk_filled_up_needs_no_free_space() {
     // Room for a small record but not for a copy of the torn one: the
     // service goes on, the torn bytes stay where they are.
     fs::remove_file(fs_.path().join("small-filler")).unwrap();
-    {
-        let store = FileStore::open(&state).unwrap();
-        let r = record(6, IssueStatus::Queued);
-        store.put(&r).await.unwrap();
-        acknowledged.push(r);
-    }
+    acknowledged.push(start_and_put(&state, 6).await);
     let now = fs::read(&journal).unwrap();
     assert_eq!(
         &now[..before.len()],
@@ -553,12 +556,7 @@ async fn a_restart_after_the_disk_filled_up_needs_no_free_space() {
 
     // With room again, the torn bytes move to a file of their own.
     fs::remove_file(fs_.path().join("big-filler")).unwrap();
-    {
-        let store = FileStore::open(&state).unwrap();
-        let r = record(7, IssueStatus::Queued);
-        store.put(&r).await.unwrap();
-        acknowledged.push(r);
-    }
+    acknowledged.push(start_and_put(&state, 7).await);
     let kept = torn_files(&state);
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert_eq!(kept[0].1, tail);
