@@ -19,9 +19,11 @@ use super::load::{Region, Tail};
 use super::{JOURNAL, io_err, sync_dir};
 use crate::error::StoreError;
 
-/// Damaged bytes left in the journal: the note to write before anything
-/// else, and the region it covers.
+/// Damaged bytes left in the journal: the note (an encoded entry) to write
+/// before anything else, and the region it covers.
 pub(super) struct InPlace {
+    /// The note must first end the damaged bytes' last line.
+    pub newline: bool,
     pub note: Vec<u8>,
     pub region: Region,
 }
@@ -59,19 +61,10 @@ pub(super) fn set_aside_tail(
                 from: tail.offset,
                 to: end,
             };
-            // The note must start a line of its own.
-            let mut note = if tail.bytes.last() == Some(&b'\n') {
-                Vec::new()
-            } else {
-                vec![b'\n']
-            };
-            format::encode(
-                &EntryRef::SetAside {
-                    from: region.from,
-                    to: region.to,
-                },
-                &mut note,
-            )
+            let note = format::encode(&EntryRef::SetAside {
+                from: region.from,
+                to: region.to,
+            })
             .map_err(|e| StoreError::Failed(format!("cannot encode a journal note: {e}")))?;
             tracing::warn!(
                 journal = %journal.display(),
@@ -84,7 +77,11 @@ pub(super) fn set_aside_tail(
                  (a write that never completed, so never acknowledged); no room to copy it \
                  aside, so it stays in the journal, skipped, until the next compaction"
             );
-            Ok(Some(InPlace { note, region }))
+            Ok(Some(InPlace {
+                newline: tail.bytes.last() != Some(&b'\n'),
+                note,
+                region,
+            }))
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The journal's line format.
 //!
-//! A line is `{"crc":"<8 hex digits>","e":<entry>}`: the CRC-32 of the
-//! entry's bytes exactly as written, so a damaged line is told from a good
-//! one even when the damage leaves valid JSON. An entry is a whole record
+//! A line is `{"crc":"<8 hex digits>","batch":<offset>,"e":<entry>}`: the
+//! CRC-32 of everything after the `crc` field up to the closing brace, so a
+//! damaged line is told from a good one even when the damage leaves valid
+//! JSON; `batch` is where the write (group commit) that carried the line
+//! began, so that a line lost inside the last, never synced, write is told
+//! from damage to synced data. An entry is a whole record
 //! (`full`, written when the issue's text changed, so once per round), a
 //! record without its body (`record`, every other transition: the body is
 //! the one of the key's previous record), or the note that damaged bytes
@@ -23,7 +26,7 @@ pub(super) const HEADER: &str = r#"{"claude_flow_state":2}"#;
 pub(super) const HEADER_V1: &str = r#"{"claude_flow_state":1}"#;
 
 const PREFIX: &[u8] = br#"{"crc":""#;
-const MIDDLE: &[u8] = br#"","e":"#;
+const AFTER_CRC: &[u8] = br#"","#;
 const CRC_DIGITS: usize = 8;
 
 /// An entry to write, borrowing what it holds.
@@ -55,30 +58,41 @@ pub(super) enum Entry {
     SetAside { from: u64, to: u64 },
 }
 
+/// A checksummed line as read.
+#[derive(Deserialize)]
+struct Envelope {
+    batch: u64,
+    e: Entry,
+}
+
 /// One good line.
 pub(super) enum Line {
-    Entry(Entry),
+    /// An entry, and the offset where the write that carried it began.
+    Entry(Entry, u64),
     /// A whole record in the format before checksums.
     Previous(Box<IssueRecord>),
 }
 
-/// Appends `entry` as one line (with its newline) to `out`; returns the
-/// line's length. On error `out` is left as it was.
-pub(super) fn encode(entry: &EntryRef<'_>, out: &mut Vec<u8>) -> Result<u64, serde_json::Error> {
+/// An entry's bytes, to be framed into a line by [`frame`].
+pub(super) fn encode(entry: &EntryRef<'_>) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(entry)
+}
+
+/// Appends the line of an encoded entry (with its newline) to `out`, for a
+/// write that begins at offset `batch`; returns the line's length.
+pub(super) fn frame(entry: &[u8], batch: u64, out: &mut Vec<u8>) -> u64 {
     let start = out.len();
+    let head = format!("\"batch\":{batch},\"e\":");
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(head.as_bytes());
+    crc.update(entry);
     out.extend_from_slice(PREFIX);
-    out.extend_from_slice(&[b'0'; CRC_DIGITS]);
-    out.extend_from_slice(MIDDLE);
-    let payload = out.len();
-    if let Err(e) = serde_json::to_writer(&mut *out, entry) {
-        out.truncate(start);
-        return Err(e);
-    }
-    let crc = format!("{:08x}", crc32fast::hash(&out[payload..]));
-    let digits = start + PREFIX.len();
-    out[digits..digits + CRC_DIGITS].copy_from_slice(crc.as_bytes());
+    out.extend_from_slice(format!("{:08x}", crc.finalize()).as_bytes());
+    out.extend_from_slice(AFTER_CRC);
+    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(entry);
     out.extend_from_slice(b"}\n");
-    Ok((out.len() - start) as u64)
+    (out.len() - start) as u64
 }
 
 /// Reads one line (without its newline); the error says what is wrong.
@@ -94,22 +108,22 @@ pub(super) fn decode(text: &[u8]) -> Result<Line, String> {
     let (digits, rest) = rest
         .split_at_checked(CRC_DIGITS)
         .ok_or("the line is cut short")?;
-    let payload = rest
-        .strip_prefix(MIDDLE)
+    let covered = rest
+        .strip_prefix(AFTER_CRC)
         .and_then(|p| p.strip_suffix(b"}"))
         .ok_or("the line is cut short or malformed")?;
     let stored = std::str::from_utf8(digits)
         .ok()
         .and_then(|d| u32::from_str_radix(d, 16).ok())
         .ok_or("the checksum field is not 8 hex digits")?;
-    let computed = crc32fast::hash(payload);
+    let computed = crc32fast::hash(covered);
     if stored != computed {
         return Err(format!(
             "checksum mismatch (stored {stored:08x}, computed {computed:08x}): the line was damaged"
         ));
     }
-    serde_json::from_slice(payload)
-        .map(Line::Entry)
+    serde_json::from_slice::<Envelope>(text)
+        .map(|line| Line::Entry(line.e, line.batch))
         .map_err(|e| format!("checksum matches but the entry is not understood: {e}"))
 }
 
@@ -120,13 +134,14 @@ mod tests {
     #[test]
     fn a_line_reads_back_and_any_changed_byte_is_caught() {
         let mut out = Vec::new();
-        let len = encode(&EntryRef::SetAside { from: 3, to: 9 }, &mut out).unwrap();
+        let entry = encode(&EntryRef::SetAside { from: 3, to: 9 }).unwrap();
+        let len = frame(&entry, 12, &mut out);
         assert_eq!(len as usize, out.len());
         assert_eq!(out.last(), Some(&b'\n'));
         let text = &out[..out.len() - 1];
         assert!(matches!(
             decode(text),
-            Ok(Line::Entry(Entry::SetAside { from: 3, to: 9 }))
+            Ok(Line::Entry(Entry::SetAside { from: 3, to: 9 }, 12))
         ));
         for i in 0..text.len() {
             let mut bad = text.to_vec();

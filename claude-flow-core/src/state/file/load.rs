@@ -2,12 +2,15 @@
 //! and what follows the last good line.
 //!
 //! A damaged line (bad checksum, not a record, zero bytes, no newline) is
-//! only harmless at the end: after the last good line it is a write that
-//! never completed, so it was never acknowledged (its put had not
-//! returned), and the caller sets it aside. A damaged line followed by a
-//! good one is an error naming the line, unless the good one is the
-//! `set_aside` note for exactly those bytes, written by an earlier start
-//! that had no room to copy them out.
+//! only harmless in the last write: that write never completed its sync,
+//! so none of its puts was acknowledged, and the caller sets everything
+//! from the damage on aside. The last write is what follows the last good
+//! line, or, after a power cut that lost a page in its middle, the good
+//! lines after the damage that belong to the same write (each line names
+//! where its write began). A damaged line followed by a line of a later
+//! write is an error naming the line, unless that line is the `set_aside`
+//! note for exactly those bytes, written by an earlier start that had no
+//! room to copy them out.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -69,6 +72,9 @@ pub(super) fn read(path: &Path, file: &mut File) -> Result<Loaded, StoreError> {
     let mut sizes = Sizes::default();
     let mut regions = Vec::new();
     let mut damage: Option<Damage> = None;
+    // The write (by its first offset) that the damage is in, once a good
+    // line of that same write follows it.
+    let mut lost_write: Option<u64> = None;
     let mut buf = Vec::new();
     let mut number = 0usize;
     let mut offset = 0u64;
@@ -109,19 +115,35 @@ pub(super) fn read(path: &Path, file: &mut File) -> Result<Loaded, StoreError> {
                 continue;
             }
         };
-        if let Some(d) = damage.take() {
-            match line {
-                Line::Entry(Entry::SetAside { from, to }) if from == d.offset && to <= start => {
-                    regions.push(Region { from, to });
-                    sizes.len = offset;
+        if let Some(d) = &damage {
+            let batch = match &line {
+                Line::Entry(_, batch) => *batch,
+                Line::Previous(_) => start,
+            };
+            if let Line::Entry(Entry::SetAside { from, to }, _) = line
+                && from == d.offset
+                && to <= start
+            {
+                regions.push(Region { from, to });
+                damage = None;
+                lost_write = None;
+                sizes.len = offset;
+                continue;
+            }
+            match lost_write {
+                // The rest of the write the damage is in: never synced.
+                Some(b) if b == batch => continue,
+                None if batch <= d.offset => {
+                    lost_write = Some(batch);
                     continue;
                 }
                 _ => {
                     return Err(corrupt(
                         d.line,
                         format!(
-                            "{}; good lines follow (line {number}), so it is not an unfinished \
-                             write: restore the file from a backup or remove the line by hand",
+                            "{}; good lines of later writes follow (line {number}), so it is \
+                             not an unfinished write: restore the file from a backup or remove \
+                             the line by hand",
                             d.reason
                         ),
                     ));
@@ -131,11 +153,11 @@ pub(super) fn read(path: &Path, file: &mut File) -> Result<Loaded, StoreError> {
         sizes.len = offset;
         let line_len = n as u64;
         match line {
-            Line::Previous(record) | Line::Entry(Entry::Full(record)) => {
+            Line::Previous(record) | Line::Entry(Entry::Full(record), _) => {
                 sizes.line(record.key(), line_len, true);
                 records.insert(record.key().clone(), *record);
             }
-            Line::Entry(Entry::Record(mut record)) => {
+            Line::Entry(Entry::Record(mut record), _) => {
                 let key = record.key().clone();
                 record.issue.body = records
                     .get_mut(&key)
@@ -145,7 +167,7 @@ pub(super) fn read(path: &Path, file: &mut File) -> Result<Loaded, StoreError> {
                 records.insert(key, *record);
             }
             // A note without damage before it: nothing to skip.
-            Line::Entry(Entry::SetAside { .. }) => {}
+            Line::Entry(Entry::SetAside { .. }, _) => {}
         }
     }
     drop(reader);

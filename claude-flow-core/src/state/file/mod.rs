@@ -104,8 +104,7 @@ impl FileStore {
         let mut loaded = load::read(&journal, &mut file)?;
         let mut note = None;
         if let Some(tail) = &loaded.tail {
-            note = aside::set_aside_tail(&dir, &journal, tail)?
-                .map(|in_place| (in_place.note, in_place.region));
+            note = aside::set_aside_tail(&dir, &journal, tail)?;
         }
         loaded.sizes.len = file.metadata().map_err(io_err(&journal))?.len();
         let records = Arc::new(Mutex::new(loaded.records));
@@ -275,17 +274,15 @@ impl FileStore {
         let mut records = self.records();
         let mut stored = record.clone();
         let previous = records.get(&key).map(|r| r.issue.body.as_str());
-        let mut bytes = Vec::new();
-        let full = writer::encode_record(&mut stored, previous, &mut bytes).map_err(|e| {
-            StoreError::Corrupt {
+        let (entry, full) =
+            writer::encode_record(&mut stored, previous).map_err(|e| StoreError::Corrupt {
                 path: self.journal.clone(),
                 line: None,
                 message: format!("cannot encode record of {key}: {e}"),
-            }
-        })?;
+            })?;
         let tx = writer.lock().unwrap_or_else(|e| e.into_inner());
         tx.send(Pending {
-            bytes,
+            entry,
             key: key.clone(),
             full,
             ack,

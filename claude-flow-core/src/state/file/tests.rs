@@ -132,7 +132,9 @@ async fn a_corrupt_line_before_good_ones_is_an_error_naming_file_and_line_and_no
         .lines()
         .map(String::from)
         .collect();
-    lines.insert(2, "{not json}".into());
+    // Overwritten in place, as damage does: the other lines stay where
+    // they were written.
+    lines[1] = format!("{{not json{}}}", " ".repeat(lines[1].len() - 10));
     let text = lines.join("\n") + "\n";
     fs::write(&journal, &text).unwrap();
     for err in [
@@ -141,7 +143,7 @@ async fn a_corrupt_line_before_good_ones_is_an_error_naming_file_and_line_and_no
             .unwrap_err()
             .to_string(),
     ] {
-        assert!(err.contains("state.jsonl line 3"), "{err}");
+        assert!(err.contains("state.jsonl line 2"), "{err}");
     }
     assert_eq!(
         fs::read_to_string(&journal).unwrap(),
@@ -566,4 +568,68 @@ async fn a_restart_after_the_disk_filled_up_needs_no_free_space() {
         journal_len(&state) < before.len() as u64,
         "the torn bytes are still in the journal"
     );
+}
+
+/// A journal line written out by hand, which pins the format: the CRC-32
+/// of everything between the `crc` field and the closing brace.
+fn journal_line(batch: u64, record: &IssueRecord) -> String {
+    let entry = serde_json::json!({ "full": record });
+    let body = format!("\"batch\":{batch},\"e\":{entry}");
+    format!(
+        "{{\"crc\":\"{:08x}\",{body}}}\n",
+        crc32fast::hash(body.as_bytes())
+    )
+}
+
+/// A journal whose last write (one batch of three records) lost its middle
+/// line to a power cut, and where the third line was written by a later
+/// batch when `later` is set. Returns the journal and where the loss is.
+fn journal_with_a_lost_line(later: bool) -> (String, usize, usize) {
+    let mut text = format!("{HEADER}\n");
+    let own = text.len() as u64;
+    text.push_str(&journal_line(own, &full_record(1, 100)));
+    let batch = text.len() as u64;
+    text.push_str(&journal_line(batch, &full_record(2, 100)));
+    let lost = text.len();
+    let middle = journal_line(batch, &full_record(3, 100));
+    text.push_str(&"\0".repeat(middle.len() - 1));
+    text.push('\n');
+    let third = if later { text.len() as u64 } else { batch };
+    text.push_str(&journal_line(third, &full_record(4, 100)));
+    (text, lost, 4)
+}
+
+#[tokio::test]
+async fn a_line_lost_inside_the_last_batch_sets_the_rest_of_that_batch_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let (text, lost, _) = journal_with_a_lost_line(false);
+    fs::write(dir.path().join(JOURNAL), &text).unwrap();
+    // The batch was never synced, so none of it was acknowledged.
+    let reader = FileStore::open_read_only(dir.path()).unwrap();
+    assert_eq!(reader.load().await.unwrap().len(), 2);
+    let store = FileStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store.load().await.unwrap(),
+        [full_record(1, 100), full_record(2, 100)]
+    );
+    drop(store);
+    let kept = torn_files(dir.path());
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0].1, text.as_bytes()[lost..]);
+}
+
+#[tokio::test]
+async fn a_line_lost_before_a_later_batch_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (text, _, line) = journal_with_a_lost_line(true);
+    fs::write(dir.path().join(JOURNAL), &text).unwrap();
+    for err in [
+        FileStore::open(dir.path()).unwrap_err().to_string(),
+        FileStore::open_read_only(dir.path())
+            .unwrap_err()
+            .to_string(),
+    ] {
+        assert!(err.contains(&format!("state.jsonl line {line}")), "{err}");
+    }
+    assert_eq!(fs::read_to_string(dir.path().join(JOURNAL)).unwrap(), text);
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use tokio::sync::oneshot;
 
-use super::aside::write_side_file;
+use super::aside::{InPlace, write_side_file};
 use super::format::{self, EntryRef, HEADER};
 use super::load::Region;
 use super::{JOURNAL, io_err, sync_dir, write_synced};
@@ -34,9 +34,9 @@ const RETRY_AFTER_LINES: usize = 1024;
 
 type Ack = oneshot::Sender<Result<(), StoreError>>;
 
-/// A record's lines and who waits for them to be durable.
+/// A record's encoded entry and who waits for its line to be durable.
 pub(super) struct Pending {
-    pub bytes: Vec<u8>,
+    pub entry: Vec<u8>,
     pub key: IssueKey,
     /// Whether the line holds the body (the text changed).
     pub full: bool,
@@ -90,8 +90,8 @@ pub(super) struct JournalWriter {
     pub records: Arc<Mutex<HashMap<IssueKey, IssueRecord>>>,
     /// Damaged bytes set aside in place, copied out at the next compaction.
     pub regions: Vec<Region>,
-    /// A `set_aside` note the next write starts with, and its region.
-    pub note: Option<(Vec<u8>, Region)>,
+    /// A `set_aside` note the next write starts with.
+    pub note: Option<InPlace>,
     /// After a failed compaction: the size and line count to wait for.
     pub postponed: Option<(u64, usize)>,
 }
@@ -123,13 +123,19 @@ impl JournalWriter {
     /// Appends a batch and syncs it; acknowledges each put.
     fn write(&mut self, batch: Vec<Pending>) -> Result<(), String> {
         let note = self.note.take();
-        let mut buf = Vec::with_capacity(batch.iter().map(|p| p.bytes.len()).sum());
-        if let Some((bytes, _)) = &note {
-            buf.extend_from_slice(bytes);
+        // Every line names where this write begins (see `format`).
+        let start = self.sizes.len;
+        let mut buf = Vec::with_capacity(batch.iter().map(|p| p.entry.len() + 64).sum());
+        if let Some(note) = &note {
+            if note.newline {
+                buf.push(b'\n');
+            }
+            format::frame(&note.note, start, &mut buf);
         }
-        for p in &batch {
-            buf.extend_from_slice(&p.bytes);
-        }
+        let lens: Vec<u64> = batch
+            .iter()
+            .map(|p| format::frame(&p.entry, start, &mut buf))
+            .collect();
         let result = self
             .file
             .write_all(&buf)
@@ -143,11 +149,11 @@ impl JournalWriter {
             return Err(reason);
         }
         self.sizes.len += buf.len() as u64;
-        if let Some((_, region)) = note {
-            self.regions.push(region);
+        if let Some(note) = note {
+            self.regions.push(note.region);
         }
-        for p in batch {
-            self.sizes.line(&p.key, p.bytes.len() as u64, p.full);
+        for (p, len) in batch.into_iter().zip(lens) {
+            self.sizes.line(&p.key, len, p.full);
             let _ = p.ack.send(Ok(()));
         }
         Ok(())
@@ -276,28 +282,29 @@ fn snapshot(
     buf.push(b'\n');
     let mut sizes = Sizes::default();
     for record in records.values() {
-        let len = format::encode(&EntryRef::Full(record), &mut buf)?;
+        // Each line is its own write: the file is synced whole before use.
+        let at = buf.len() as u64;
+        let len = format::frame(&format::encode(&EntryRef::Full(record))?, at, &mut buf);
         sizes.line(record.key(), len, true);
     }
     sizes.len = buf.len() as u64;
     Ok((buf, sizes))
 }
 
-/// Appends a record's line to `out`: the whole record when its body
-/// differs from `previous_body` (the body the journal holds for the key,
-/// `None` for a new key), else the record without its body. Returns
-/// whether the line holds the body.
+/// A record's entry: the whole record when its body differs from
+/// `previous_body` (the body the journal holds for the key, `None` for a
+/// new key), else the record without its body; and whether it holds the
+/// body.
 pub(super) fn encode_record(
     record: &mut IssueRecord,
     previous_body: Option<&str>,
-    out: &mut Vec<u8>,
-) -> Result<bool, serde_json::Error> {
+) -> Result<(Vec<u8>, bool), serde_json::Error> {
     if previous_body != Some(record.issue.body.as_str()) {
-        return format::encode(&EntryRef::Full(record), out).map(|_| true);
+        return format::encode(&EntryRef::Full(record)).map(|e| (e, true));
     }
-    // Taken out for the line and put back: no copy of a large body.
+    // Taken out for the entry and put back: no copy of a large body.
     let body = std::mem::take(&mut record.issue.body);
-    let encoded = format::encode(&EntryRef::Record(record), out);
+    let encoded = format::encode(&EntryRef::Record(record));
     record.issue.body = body;
-    encoded.map(|_| false)
+    encoded.map(|e| (e, false))
 }
