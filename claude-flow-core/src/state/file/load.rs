@@ -28,7 +28,7 @@ use crate::record::IssueRecord;
 pub(super) struct Loaded {
     pub records: HashMap<IssueKey, IssueRecord>,
     pub sizes: Sizes,
-    /// Damaged bytes after the last good line.
+    /// Damaged bytes in the last write, and what follows them.
     pub tail: Option<Tail>,
     /// Damaged bytes earlier starts set aside in place, still in the file.
     pub regions: Vec<Region>,
@@ -36,7 +36,8 @@ pub(super) struct Loaded {
 
 /// The unacknowledged end of a journal.
 pub(super) struct Tail {
-    /// Where it starts: the end of the last good line.
+    /// Where it starts: the first damaged line (after which only lines of
+    /// the same, never synced, write follow).
     pub offset: u64,
     /// Its 1-based line number.
     pub line: usize,

@@ -122,6 +122,9 @@ impl JournalWriter {
 
     /// Appends a batch and syncs it; acknowledges each put.
     fn write(&mut self, batch: Vec<Pending>) -> Result<(), String> {
+        if batch.is_empty() && self.note.is_none() {
+            return Ok(());
+        }
         let note = self.note.take();
         // Every line names where this write begins (see `format`).
         let start = self.sizes.len;
@@ -169,9 +172,10 @@ impl JournalWriter {
         !self.regions.is_empty() || self.sizes.too_many_lines() || self.sizes.too_big()
     }
 
-    /// Rewrites the journal as one whole record per issue. A compaction that cannot be written (no room) leaves the
-    /// journal as it was and is tried again later; only a failure after
-    /// the new journal took the old one's place stops the writer.
+    /// Rewrites the journal as one whole record per issue. A compaction
+    /// that cannot be written (no room) leaves the journal as it was and
+    /// is tried again later; only a failure after the new journal took the
+    /// old one's place stops the writer.
     fn compact(&mut self, rx: &mpsc::Receiver<Pending>) -> Result<(), String> {
         let (buf, sizes, carried) = {
             let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
