@@ -16,6 +16,8 @@ mod secret;
 pub mod service_dirs;
 pub mod service_unit;
 pub mod signals;
+#[cfg(test)]
+mod small_fs;
 pub mod state;
 
 pub use config::Config;
