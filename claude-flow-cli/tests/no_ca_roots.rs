@@ -6,7 +6,6 @@
 
 mod common;
 
-use claude_flow_daemon::Daemon;
 use common::Fixture;
 use predicates::prelude::PredicateBooleanExt;
 use predicates::str::contains;
@@ -25,20 +24,9 @@ fn without_roots(f: &Fixture, cmd: &mut std::process::Command) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_reaches_its_own_service_without_any_ca_certificate() {
     let f = Fixture::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    f.config(json!({"service": {"listen": format!("127.0.0.1:{port}")}}));
+    f.config(json!({"service": {"listen": format!("127.0.0.1:{}", common::free_port())}}));
     f.workflow("exit 0");
-    let handle = Daemon::builder(f.config_path())
-        .init_logging(false)
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let handle = common::start_daemon(&f).await;
 
     let mut status = f.cli_process(&["status"]);
     without_roots(&f, &mut status);

@@ -203,3 +203,22 @@ pub fn read_pid(path: &Path) -> i32 {
 pub fn time(v: &Value) -> std::time::SystemTime {
     humantime::parse_rfc3339(v.as_str().expect("a time")).expect("RFC 3339")
 }
+
+/// A free loopback port, for `service.listen`.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The service for `fixture`'s configuration, running in this process.
+pub async fn start_daemon(fixture: &Fixture) -> claude_flow_daemon::DaemonHandle {
+    claude_flow_daemon::Daemon::builder(fixture.config_path())
+        .init_logging(false)
+        .build()
+        .expect("daemon")
+        .start()
+        .await
+        .expect("daemon start")
+}
