@@ -281,8 +281,14 @@ fn binaries() -> [PathBuf; 2] {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let newest = ["claude-flow-core", "claude-flow-daemon"]
         .iter()
-        .map(|krate| newest_change(&workspace.join(krate)))
-        .chain([newest_change(&workspace.join("Cargo.lock"))])
+        .flat_map(|krate| {
+            [
+                workspace.join(krate).join("src"),
+                workspace.join(krate).join("Cargo.toml"),
+            ]
+        })
+        .chain([workspace.join("Cargo.lock")])
+        .map(|path| newest_change(&path))
         .max()
         .unwrap();
     assert!(
@@ -303,7 +309,6 @@ fn newest_change(path: &Path) -> SystemTime {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name() != "tests")
         .map(|e| newest_change(&e.path()));
     below.fold(own, SystemTime::max)
 }
