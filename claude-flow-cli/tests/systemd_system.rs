@@ -14,6 +14,7 @@
 #![allow(clippy::unwrap_used)] // a panic in a test is a failed assertion
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -101,14 +102,14 @@ fn the_shipped_unit_works_under_a_real_systemd() {
     let took = started.elapsed();
     let read = |name: &str| std::fs::read_to_string(results.path().join(name)).unwrap_or_default();
     let lines = read("results");
-    eprintln!(
+    say(&format!(
         "systemd system test: boot, scenario and power-off took {:.1} s; graceful stop: {} ms",
         took.as_secs_f64(),
         read("stop-ms")
             .trim()
             .trim_start_matches("stop took ")
             .trim_end_matches(" ms")
-    );
+    ));
     let reported: HashMap<&str, (bool, &str)> = lines
         .lines()
         .filter_map(|line| {
@@ -147,11 +148,17 @@ fn cannot_boot(reason: &str) {
     if std::env::var_os("CLAUDE_FLOW_REQUIRE_SYSTEMD").is_some_and(|v| v == "1") {
         panic!("cannot boot systemd, which CLAUDE_FLOW_REQUIRE_SYSTEMD=1 requires: {reason}");
     }
-    eprintln!(
+    say(&format!(
         "\n{bar}\nskipped: cannot boot systemd: {reason}\n(the systemd system test did NOT run; \
          CLAUDE_FLOW_REQUIRE_SYSTEMD=1 makes this a failure)\n{bar}\n",
         bar = "!".repeat(72)
-    );
+    ));
+}
+
+/// Writes past the test harness's capture (which takes only the print
+/// macros), so that a passing run still shows it.
+fn say(text: &str) {
+    let _ = writeln!(std::io::stderr(), "{text}");
 }
 
 /// `systemd-nspawn` and root, or `None` after saying why not.
@@ -243,11 +250,11 @@ fn rootfs() -> Option<PathBuf> {
         std::fs::remove_dir_all(&old).unwrap();
     }
     std::fs::rename(&partial, &rootfs).unwrap();
-    eprintln!(
+    say(&format!(
         "systemd system test: debootstrap built {} in {:.0} s",
         rootfs.display(),
         started.elapsed().as_secs_f64()
-    );
+    ));
     Some(rootfs)
 }
 
