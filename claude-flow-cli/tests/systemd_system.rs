@@ -1,6 +1,6 @@
 //! The shipped unit under a real systemd. A minimal Debian bookworm (made
-//! once with `debootstrap` into `target/systemd-rootfs`, without
-//! `ca-certificates`) boots with `systemd-nspawn -b`, the binaries of this
+//! once with `debootstrap` into `target/systemd-rootfs` by
+//! `systemd/rootfs.sh`, without `ca-certificates`) boots with `systemd-nspawn -b`, the binaries of this
 //! build bound in; `systemd/scenario.sh` runs inside at boot, installs the
 //! service with `claude-flow service install`, drives it with `systemctl`
 //! and writes one line per check into a bound directory; this test asserts
@@ -186,94 +186,30 @@ fn target_dir() -> PathBuf {
     exe.ancestors().nth(3).unwrap().to_owned()
 }
 
-/// What debootstrap is asked for: a minimal system (`minbase`: only
-/// Priority required packages, so neither `procps` nor `ca-certificates`)
-/// with systemd, and git for the workflow. A change here rebuilds the tree.
-const DEBOOTSTRAP_ARGS: &[&str] = &[
-    "--variant=minbase",
-    "--include=systemd,systemd-sysv,dbus,git",
-    "bookworm",
-];
-
-/// The cached root file system, built first when missing or made with
-/// other arguments. It is built beside its final place and renamed into
-/// it, so an interrupted build is never taken for a finished one.
+/// The cached root file system (`systemd/rootfs.sh` builds it when
+/// missing or made with other arguments), or `None` after saying why not.
 fn rootfs() -> Option<PathBuf> {
     let target = target_dir();
-    let rootfs = target.join("systemd-rootfs");
-    let stamp = DEBOOTSTRAP_ARGS.join(" ");
-    let stamp_file = |root: &Path| root.join("claude-flow-rootfs");
-    if std::fs::read_to_string(stamp_file(&rootfs)).is_ok_and(|s| s == stamp) {
-        return Some(rootfs);
-    }
-    let Some(debootstrap) = on_path("debootstrap") else {
-        cannot_boot("debootstrap is not installed, and target/systemd-rootfs is not built yet");
-        return None;
-    };
-    remove_abandoned_builds(&target);
-    let partial = target.join(format!("systemd-rootfs.partial-{}", std::process::id()));
-    let log = target.join("systemd-rootfs.log");
-    let mirror = std::env::var("CLAUDE_FLOW_DEBIAN_MIRROR")
-        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
-    let log_file = std::fs::File::create(&log).unwrap();
-    let started = Instant::now();
-    let status = Command::new(debootstrap)
-        .args(DEBOOTSTRAP_ARGS)
-        .arg(&partial)
-        .arg(&mirror)
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/systemd/rootfs.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(&target)
         .stdin(Stdio::null())
-        .stdout(log_file.try_clone().unwrap())
-        .stderr(log_file)
-        .status()
+        .output()
         .unwrap();
-    if !status.success() {
-        let _ = std::fs::remove_dir_all(&partial);
+    let said = String::from_utf8_lossy(&out.stdout);
+    if !said.trim().is_empty() {
+        say(&format!("systemd system test: {}", said.trim()));
+    }
+    if !out.status.success() {
         cannot_boot(&format!(
-            "debootstrap from {mirror} failed ({status}):\n{}",
-            tail(&std::fs::read_to_string(&log).unwrap_or_default(), 20)
+            "cannot build the root file system ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
         ));
         return None;
     }
-    // The downloaded packages are not needed once unpacked.
-    if let Ok(debs) = std::fs::read_dir(partial.join("var/cache/apt/archives")) {
-        for deb in debs.flatten() {
-            if deb.path().extension().is_some_and(|e| e == "deb") {
-                let _ = std::fs::remove_file(deb.path());
-            }
-        }
-    }
-    std::fs::write(stamp_file(&partial), &stamp).unwrap();
-    if rootfs.exists() {
-        // Made with other arguments: out of the way first.
-        let old = target.join(format!("systemd-rootfs.partial-old-{}", std::process::id()));
-        std::fs::rename(&rootfs, &old).unwrap();
-        std::fs::remove_dir_all(&old).unwrap();
-    }
-    std::fs::rename(&partial, &rootfs).unwrap();
-    say(&format!(
-        "systemd system test: debootstrap built {} in {:.0} s",
-        rootfs.display(),
-        started.elapsed().as_secs_f64()
-    ));
-    Some(rootfs)
-}
-
-/// Partial trees left by interrupted runs whose process is gone.
-fn remove_abandoned_builds(target: &Path) {
-    let Ok(entries) = std::fs::read_dir(target) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let pid = name
-            .strip_prefix("systemd-rootfs.partial-")
-            .map(|rest| rest.trim_start_matches("old-"));
-        if let Some(pid) = pid
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
+    Some(target.join("systemd-rootfs"))
 }
 
 /// The two binaries of this build. The CLI is built for this package's
