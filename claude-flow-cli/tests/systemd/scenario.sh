@@ -150,7 +150,7 @@ GH
 out=$(claude-flow --config /root/github.json config check 2>&1)
 code=$?
 check github_without_roots "exit $code: $out" \
-    bash -c '[ "$1" = 1 ] && grep -q "no CA root certificates found in /etc/ssl/certs: install the ca-certificates package" <<<"$2"' _ "$code" "$out"
+    bash -c '[ "$1" = 1 ] && grep -q "no CA root certificates found in /etc/ssl/certs: install the ca-certificates package" <<<"$2" && ! grep -q t0ken <<<"$2"' _ "$code" "$out"
 
 echo "== reload"
 printf '# Wait 3\n' >"$SRV/issues/3-wait.md"
