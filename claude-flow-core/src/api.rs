@@ -201,6 +201,10 @@ impl ApiClient {
             // The service is local or on the operator's network: a proxy
             // from the environment would only be in the way.
             .no_proxy()
+            // Plain http on loopback or the operator's network: loading the
+            // platform's CA roots would only make a host without them
+            // (a minimal image) unable to reach its own service.
+            .tls_certs_only(Vec::new())
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()
