@@ -26,7 +26,7 @@ async fn the_cli_reaches_its_own_service_without_any_ca_certificate() {
     let f = Fixture::new();
     f.config(json!({"service": {"listen": format!("127.0.0.1:{}", common::free_port())}}));
     f.workflow("exit 0");
-    let handle = common::start_daemon(&f).await;
+    let handle = common::start_service(&f).await;
 
     let mut status = f.cli_process(&["status"]);
     without_roots(&f, &mut status);

@@ -256,14 +256,3 @@ pub fn read_until(out: &mut impl std::io::Read, seen: &mut Vec<u8>, text: &str) 
         seen.extend_from_slice(&buf[..n]);
     }
 }
-
-/// The service for `fixture`'s configuration, running in this process.
-pub async fn start_daemon(fixture: &Fixture) -> claude_flow_daemon::DaemonHandle {
-    claude_flow_daemon::Daemon::builder(fixture.config_path())
-        .init_logging(false)
-        .build()
-        .expect("daemon")
-        .start()
-        .await
-        .expect("daemon start")
-}
