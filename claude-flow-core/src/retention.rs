@@ -26,6 +26,10 @@ use crate::record::IssueRecord;
 use crate::runner::{log_dir_for, workspace_dir_for};
 use crate::state::StateStore;
 
+/// Why nothing is pruned when `service.retention` is `null`.
+pub const KEEP_ALL: &str = "service.retention is null, which keeps every workspace and log: \
+     nothing is pruned (set it to a duration such as \"30d\")";
+
 /// What retention removes, and after how long.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retention {
