@@ -71,6 +71,18 @@ pub enum Command {
     /// clears the pause in the state directory. Prints the pause it lifted,
     /// or `not paused`.
     Resume,
+    /// Remove the workspaces and logs of issues settled longer ago than
+    /// service.retention, and say what that freed.
+    ///
+    /// The service does this by itself, at start and every hour; records
+    /// stay (`show` says when the files went). Asks the running service
+    /// (`POST /api/prune`) when one runs, else works in the state
+    /// directory. Never touches a running or waiting issue's files.
+    Prune {
+        /// Say what would be freed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Check or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),

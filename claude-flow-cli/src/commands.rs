@@ -119,6 +119,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Retry(arg) => change(&config, &arg, Change::Retry).await,
         Command::Cancel(arg) => change(&config, &arg, Change::Cancel).await,
         Command::Resume => resume(&config).await,
+        Command::Prune { dry_run } => crate::prune::run(&config, dry_run, cli.json).await,
         Command::Config(ConfigCommand::Check) => {
             // Building the parts checks what loading alone cannot, such as
             // a local.dir that does not exist.
@@ -368,7 +369,7 @@ pub(crate) fn print_health(health: &Health) {
 
 /// A failed call to a running service's API; an unreachable API is
 /// explained, since the service itself is known to be running.
-fn api_failure(pid: u32, e: ApiError) -> Failure {
+pub(crate) fn api_failure(pid: u32, e: ApiError) -> Failure {
     match e {
         ApiError::Unreachable { .. } => Failure {
             message: format!(
@@ -434,6 +435,12 @@ async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Failure
         println!(
             "text:       changed at the source after approval; this round works on the \
              approved text (apply the trigger label again to approve the new one)"
+        );
+    }
+    if let Some(t) = r.pruned_at {
+        println!(
+            "files:      workspace and logs removed {} (service.retention)",
+            rfc3339(t)
         );
     }
     if let Some(t) = r.next_retry_at {
@@ -654,7 +661,7 @@ async fn resume(config: &Config) -> Result<(), Failure> {
 /// A client of the running service's API that may take actions: with the
 /// API token (from the configuration, else the service's
 /// `<state_dir>/api-token`), or an error saying how to get it.
-fn operator_client(config: &Config) -> Result<ApiClient, Failure> {
+pub(crate) fn operator_client(config: &Config) -> Result<ApiClient, Failure> {
     let token = ApiToken::for_client(config).map_err(Error::from)?;
     Ok(ApiClient::for_listen(&config.service.listen)
         .map_err(Error::from)?
@@ -663,7 +670,7 @@ fn operator_client(config: &Config) -> Result<ApiClient, Failure> {
 
 /// The state store with its lock, for a change made with no service
 /// running; a running service without an HTTP API is named.
-fn open_for_writing(config: &Config) -> Result<FileStore, Failure> {
+pub(crate) fn open_for_writing(config: &Config) -> Result<FileStore, Failure> {
     match FileStore::open(&config.service.state_dir) {
         Ok(store) => Ok(store),
         Err(StoreError::Locked { pid, .. }) => Err(Failure {
@@ -686,7 +693,7 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn print_json(value: &serde_json::Value) {
+pub(crate) fn print_json(value: &serde_json::Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())

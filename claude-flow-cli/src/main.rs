@@ -2,6 +2,7 @@
 
 mod cli;
 mod commands;
+mod prune;
 mod service;
 
 use std::process::ExitCode;
