@@ -535,6 +535,15 @@ async fn logs(
                 chosen.round, chosen.number
             ))
     });
+    if let Some(at) = r.pruned_at
+        && !path.exists()
+    {
+        return Err(Failure::other(format!(
+            "{}: its logs were removed {} (service.retention)",
+            r.key(),
+            rfc3339(at)
+        )));
+    }
     let (round, number) = (chosen.round, chosen.number);
     let mut offset = copy_from(&path, 0)?;
     if !follow {

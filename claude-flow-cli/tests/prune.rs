@@ -139,6 +139,11 @@ fn prune_by_hand_says_what_it_frees_and_keeps_the_records() {
     let shown = stdout(&f.cli().args(["show", "1"]).output().unwrap());
     assert!(shown.contains("workspace and logs removed"), "{shown}");
 
+    let logs = f.cli().args(["logs", "3"]).output().unwrap();
+    assert_eq!(logs.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&logs.stderr);
+    assert!(err.contains("its logs were removed"), "{err}");
+
     let again = stdout(&f.cli().arg("prune").output().unwrap());
     assert_eq!(again.trim(), "freed 0 B in total, 0 issues");
 
@@ -210,6 +215,18 @@ async fn the_service_prunes_by_itself_and_prune_goes_through_it() {
     })
     .await
     .unwrap();
+
+    // Like every action of the API, it needs the token.
+    let refused = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("http://{listen}/api/prune"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    assert!(has_files(&f, 3));
 
     let dry = stdout(&cli(&f, &["prune", "--dry-run"]).await);
     assert!(dry.contains("local/issues#3: would free"), "{dry}");
