@@ -11,7 +11,7 @@ use std::process::Output;
 use std::time::{Duration, SystemTime};
 
 use claude_flow_daemon::Daemon;
-use common::{Fixture, time, wait_for};
+use common::{Fixture, free_port, time, wait_for};
 use serde_json::json;
 
 /// Retention in these tests: an issue is due a second after it settled.
@@ -166,14 +166,6 @@ fn with_retention_null_prune_refuses_and_says_why() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("service.retention is null"), "{err}");
     assert!(has_files(&f, 1));
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

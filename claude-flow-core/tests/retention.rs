@@ -78,6 +78,35 @@ fn exit(code: i32) -> RunOutcome {
     }
 }
 
+type Running = tokio::task::JoinHandle<Result<claude_flow_core::Summary, claude_flow_core::Error>>;
+
+/// Starts an orchestrator (three slots, one poll an hour) until the token fires.
+fn start(
+    source: Arc<MemorySource>,
+    runner: FnRunner,
+    store: Arc<MemoryStore>,
+    retention: Option<Retention>,
+) -> (Arc<Orchestrator>, CancellationToken, Running) {
+    let orchestrator = Arc::new(
+        Orchestrator::builder()
+            .source(source)
+            .runner(Arc::new(runner))
+            .store(store)
+            .settings(Settings {
+                poll_interval: Duration::from_secs(3600),
+                max_concurrent: 3,
+                retention,
+                ..Settings::default()
+            })
+            .build()
+            .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
+    let task = tokio::spawn(async move { o.run(s).await });
+    (orchestrator, shutdown, task)
+}
+
 #[tokio::test]
 async fn the_service_prunes_settled_issues_and_never_a_running_or_waiting_ones() {
     let root = tempfile::tempdir().unwrap();
@@ -135,25 +164,8 @@ async fn the_service_prunes_settled_issues_and_never_a_running_or_waiting_ones()
             }
         })
     };
-    let orchestrator = Arc::new(
-        Orchestrator::builder()
-            .source(source)
-            .runner(Arc::new(runner))
-            .store(store.clone())
-            .settings(Settings {
-                poll_interval: Duration::from_secs(3600),
-                max_concurrent: 3,
-                retention: Some(retention.clone()),
-                ..Settings::default()
-            })
-            .build()
-            .unwrap(),
-    );
-    let shutdown = CancellationToken::new();
-    let task = {
-        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
-        tokio::spawn(async move { o.run(s).await })
-    };
+    let (orchestrator, shutdown, task) =
+        start(source, runner, store.clone(), Some(retention.clone()));
 
     // At start: the issue settled long ago loses its files, keeps its record.
     until("issue 1 to be pruned", async || {
@@ -223,23 +235,9 @@ async fn with_retention_null_nothing_is_pruned() {
         .put(&settled_long_ago(1, IssueStatus::Done))
         .await
         .unwrap();
-    let orchestrator = Arc::new(
-        Orchestrator::builder()
-            .source(Arc::new(MemorySource::new([])))
-            .runner(Arc::new(FnRunner::new(|_, _| async { Ok(exit(0)) })))
-            .store(store.clone())
-            .settings(Settings {
-                retention: None,
-                ..Settings::default()
-            })
-            .build()
-            .unwrap(),
-    );
-    let shutdown = CancellationToken::new();
-    let task = {
-        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
-        tokio::spawn(async move { o.run(s).await })
-    };
+    let runner = FnRunner::new(|_, _| async { Ok(exit(0)) });
+    let (orchestrator, shutdown, task) =
+        start(Arc::new(MemorySource::new([])), runner, store.clone(), None);
     let answer = loop {
         match orchestrator.prune(false).await {
             Err(claude_flow_core::Error::NotRunning(_)) => {

@@ -203,3 +203,12 @@ pub fn read_pid(path: &Path) -> i32 {
 pub fn time(v: &Value) -> std::time::SystemTime {
     humantime::parse_rfc3339(v.as_str().expect("a time")).expect("RFC 3339")
 }
+
+/// A TCP port free on loopback right now, for `service.listen`.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
