@@ -170,6 +170,11 @@ pub struct InstallArgs {
     /// configuration's service.state_dir is used.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Install even when the service could not use some of its paths
+    /// (under /home or /tmp, which the unit hides, or not readable or
+    /// writable by its user); they are listed as warnings.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[cfg(test)]

@@ -125,6 +125,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             // a local.dir that does not exist.
             app::issue_source(&config)?;
             app::subprocess_settings(&config)?;
+            claude_flow_core::service_dirs::check_directories(&config.service)
+                .map_err(Error::from)?;
             config.api_token().map_err(Error::from)?;
             println!("{}: configuration OK", cli.config.display());
             Ok(())

@@ -45,6 +45,7 @@ fn run_blocking(config: &Path, command: ServiceCommand) -> Result<(), Failure> {
                     unit_dir: args.unit_dir,
                     user: args.user,
                     state_dir: args.state_dir,
+                    force: args.force,
                 },
             )?;
             carry_out(&steps, args.systemd.dry_run)

@@ -73,6 +73,7 @@ pub fn repositories(config: &Config) -> Result<Vec<RepoId>, Error> {
 pub fn orchestrator(config: &Config) -> Result<(Orchestrator, Arc<FileStore>), Error> {
     let source = issue_source(config)?;
     let runner = Arc::new(SubprocessRunner::new(subprocess_settings(config)?));
+    crate::service_dirs::prepare_directories(&config.service)?;
     let store = Arc::new(FileStore::open(&config.service.state_dir)?);
     let orchestrator = Orchestrator::builder()
         .source(source)

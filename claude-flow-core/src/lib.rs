@@ -14,6 +14,7 @@ mod record;
 pub mod retention;
 pub mod runner;
 mod secret;
+pub mod service_dirs;
 pub mod service_unit;
 pub mod signals;
 pub mod state;

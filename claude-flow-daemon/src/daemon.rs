@@ -390,6 +390,7 @@ impl Reloader {
         };
         let runner = if new.workflow != self.current.workflow || new.service != self.current.service
         {
+            claude_flow_core::service_dirs::prepare_directories(&new.service)?;
             Some(Arc::new(SubprocessRunner::new(app::subprocess_settings(
                 &new,
             )?)))

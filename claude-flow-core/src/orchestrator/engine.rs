@@ -69,6 +69,9 @@ pub(super) struct Engine {
     once_set: Option<HashSet<IssueKey>>,
     attempts: JoinSet<AttemptDone>,
     service: ServiceState,
+    /// When the quota pause in force began (not kept across restarts:
+    /// nothing that ran before a restart is still running after it).
+    pause_began: Option<SystemTime>,
     /// The workflow cannot be started (why), and when to look again.
     workflow_unavailable: Option<(String, SystemTime)>,
     summary: Summary,
@@ -104,6 +107,7 @@ impl Engine {
             once_set: None,
             attempts: JoinSet::new(),
             service: ServiceState::default(),
+            pause_began: None,
             workflow_unavailable: None,
             summary: Summary::default(),
             failure: None,
@@ -587,7 +591,11 @@ impl Engine {
         match outcome {
             Some(AttemptOutcome::Interrupted) => self.summary.interrupted += 1,
             Some(AttemptOutcome::QuotaExhausted { until }) => {
-                self.quota_exit(&key, until, settings).await;
+                let started = record
+                    .attempts
+                    .last()
+                    .map_or_else(SystemTime::now, |a| a.started_at);
+                self.quota_exit(&key, until, started, settings).await;
             }
             Some(AttemptOutcome::Succeeded | AttemptOutcome::Failed { .. })
                 if self.service.quota_exits > 0 =>
@@ -609,9 +617,22 @@ impl Engine {
 
     /// A workflow said its agent's quota is exhausted: nothing starts
     /// until the pause (bounded by the settings) is over.
-    async fn quota_exit(&mut self, key: &IssueKey, asked: SystemTime, settings: &Settings) {
+    /// Workflows that were already running when the pause began ran into
+    /// the same exhausted quota: their exits join that pause rather than
+    /// count as more exits in a row.
+    async fn quota_exit(
+        &mut self,
+        key: &IssueKey,
+        asked: SystemTime,
+        started: SystemTime,
+        settings: &Settings,
+    ) {
         let now = SystemTime::now();
-        self.service.quota_exits = self.service.quota_exits.saturating_add(1);
+        let same_exhaustion = self.pause_began.is_some_and(|began| started < began);
+        if !same_exhaustion || self.service.quota_exits == 0 {
+            self.service.quota_exits = self.service.quota_exits.saturating_add(1);
+            self.pause_began = Some(now);
+        }
         let until = pause::pause_end(settings, self.service.quota_exits, asked, now);
         let until = self.service.paused_until.map_or(until, |t| t.max(until));
         let length = human(until.duration_since(now).unwrap_or_default());
