@@ -85,6 +85,20 @@ pub enum Command {
     /// clears the pause in the state directory. Prints the pause it lifted,
     /// or `not paused`.
     Resume,
+    /// Remove the workspaces and logs of issues settled longer ago than
+    /// service.retention, and say what that freed.
+    ///
+    /// The service does this by itself, at start and every hour; records
+    /// stay (`show` says when the files went). Asks the running service
+    /// (`POST /api/prune`) when one runs, else works in the state
+    /// directory. Never touches a running or waiting issue's files.
+    Prune {
+        /// Say what would be freed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Check or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -98,7 +112,8 @@ pub enum Command {
     },
 }
 
-/// `--json`, on the read commands that honour it.
+/// `--json`, on the commands that honour it (the read commands and
+/// `prune`).
 #[derive(Debug, Args)]
 pub struct JsonArg {
     /// Print JSON instead of text.

@@ -148,6 +148,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Retry(arg) => change(&config, &arg, Change::Retry).await,
         Command::Cancel(arg) => change(&config, &arg, Change::Cancel).await,
         Command::Resume => resume(&config).await,
+        Command::Prune { dry_run, json } => crate::prune::run(&config, dry_run, json.json).await,
         Command::Config(ConfigCommand::Check) => {
             // Building the parts checks what loading alone cannot, such as
             // a local.dir that does not exist.
@@ -205,7 +206,7 @@ async fn record(config: &Config, arg: &IssueArg) -> Result<IssueRecord, Failure>
 
 /// A failed call to a running service's API; an unreachable API is
 /// explained, since the service itself is known to be running.
-fn api_failure(pid: u32, e: ApiError) -> Failure {
+pub(crate) fn api_failure(pid: u32, e: ApiError) -> Failure {
     match e {
         ApiError::Unreachable { .. } => Failure {
             message: format!(
@@ -287,7 +288,7 @@ async fn resume(config: &Config) -> Result<(), Failure> {
 /// A client of the running service's API that may take actions: with the
 /// API token (from the configuration, else the service's
 /// `<state_dir>/api-token`), or an error saying how to get it.
-fn operator_client(config: &Config) -> Result<ApiClient, Failure> {
+pub(crate) fn operator_client(config: &Config) -> Result<ApiClient, Failure> {
     let token = ApiToken::for_client(config).map_err(Error::from)?;
     Ok(ApiClient::for_listen(&config.service.listen)
         .map_err(Error::from)?
@@ -296,7 +297,7 @@ fn operator_client(config: &Config) -> Result<ApiClient, Failure> {
 
 /// The state store with its lock, for a change made with no service
 /// running; a running service without an HTTP API is named.
-fn open_for_writing(config: &Config) -> Result<FileStore, Failure> {
+pub(crate) fn open_for_writing(config: &Config) -> Result<FileStore, Failure> {
     match FileStore::open(&config.service.state_dir) {
         Ok(store) => Ok(store),
         Err(StoreError::Locked { pid, .. }) => Err(Failure {

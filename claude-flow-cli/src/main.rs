@@ -3,6 +3,7 @@
 mod cli;
 mod commands;
 mod out;
+mod prune;
 mod service;
 
 use std::io::Write;

@@ -8,7 +8,8 @@
 //! `GET /api/skipped` (the triggers the service ignored, a list of
 //! [`SkippedTrigger`]),
 //! `POST /api/issues/<owner>/<repo>/<n>/retry|cancel` (an [`IssueSummary`]),
-//! `POST /api/resume` ([`Resumed`]), `POST /webhook`. Errors come as
+//! `POST /api/resume` ([`Resumed`]), `POST /api/prune[?dry_run=true]`
+//! ([`PruneReport`]), `POST /webhook`. Errors come as
 //! [`ErrorBody`]. The `POST`s need the API's [`token`].
 
 pub mod token;
@@ -23,6 +24,7 @@ use crate::issue::IssueKey;
 use crate::issue_source::SkippedTrigger;
 use crate::orchestrator::{PollResult, RunningAttempt};
 use crate::record::IssueSummary;
+use crate::retention::PruneReport;
 use crate::secret::Secret;
 
 /// `GET /healthz`: whether the service is healthy, and what it is doing.
@@ -270,6 +272,18 @@ impl ApiClient {
     /// `POST /api/resume`: ends the service's quota pause, if it has one.
     pub async fn resume(&self) -> Result<Resumed, ApiError> {
         let url = self.url(&["api", "resume"]);
+        let response = self.send(self.post(&url), &url).await?;
+        expect_success(response, &url).await
+    }
+
+    /// `POST /api/prune`: removes the files of issues settled longer ago
+    /// than the service's `service.retention`; `dry_run` only says what
+    /// that would free.
+    pub async fn prune(&self, dry_run: bool) -> Result<PruneReport, ApiError> {
+        let mut url = self.url(&["api", "prune"]);
+        if dry_run {
+            url.set_query(Some("dry_run=true"));
+        }
         let response = self.send(self.post(&url), &url).await?;
         expect_success(response, &url).await
     }

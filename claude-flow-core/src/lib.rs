@@ -11,6 +11,7 @@ pub mod logging;
 pub mod ops;
 mod orchestrator;
 mod record;
+pub mod retention;
 pub mod runner;
 mod secret;
 pub mod service_dirs;

@@ -273,6 +273,14 @@ pub struct IssueRecord {
     /// Last change.
     #[serde(with = "humantime_serde")]
     pub updated_at: SystemTime,
+    /// When retention (`service.retention`, `claude-flow prune`) removed
+    /// this settled round's workspace and logs; cleared by a new round.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pruned_at: Option<SystemTime>,
 }
 
 impl IssueRecord {
@@ -289,6 +297,7 @@ impl IssueRecord {
             last_error: None,
             reports: Reports::default(),
             updated_at: SystemTime::now(),
+            pruned_at: None,
         }
     }
 
@@ -404,6 +413,7 @@ impl IssueRecord {
         self.last_error = None;
         self.reports = Reports::default();
         self.updated_at = SystemTime::now();
+        self.pruned_at = None;
     }
 }
 

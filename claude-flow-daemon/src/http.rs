@@ -23,6 +23,12 @@
 //!   which ends a quota pause; 200 with the pause that was lifted
 //!   ([`Resumed`](claude_flow_core::api::Resumed), `lifted_until` null when there was none), 503 when the
 //!   orchestrator is not running.
+//! - `POST /api/prune` (`?dry_run=true` to remove nothing): the
+//!   orchestrator's [`prune`](Orchestrator::prune), which removes the
+//!   workspaces and logs of issues settled longer ago than
+//!   `service.retention`; 200 with what it freed
+//!   ([`PruneReport`](claude_flow_core::retention::PruneReport)), 409 when
+//!   the retention is `null`, 503 when the orchestrator is not running.
 //! - `POST /webhook`: GitHub's webhook, when `github.webhook_secret` is set
 //!   (404 otherwise). The `X-Hub-Signature-256` HMAC is checked over the raw
 //!   body in constant time before anything else; a delivery without a
@@ -343,6 +349,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/issues/{owner}/{repo}/{number}/retry", post(retry))
         .route("/api/issues/{owner}/{repo}/{number}/cancel", post(cancel))
         .route("/api/resume", post(resume))
+        .route("/api/prune", post(prune))
         .route(
             "/webhook",
             post(webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
@@ -759,6 +766,24 @@ async fn resume(State(state): State<HttpState>) -> Response {
     tracing::info!("resume asked through the HTTP API");
     match state.orchestrator.resume().await {
         Ok(resumed) => axum::Json(resumed).into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+async fn prune(State(state): State<HttpState>, uri: axum::http::Uri) -> Response {
+    let dry_run = match uri.query().unwrap_or("") {
+        "" | "dry_run=false" => false,
+        "dry_run" | "dry_run=true" => true,
+        other => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                format!("unknown query {other:?}: the only one is dry_run=true"),
+            );
+        }
+    };
+    tracing::info!(dry_run, "prune asked through the HTTP API");
+    match state.orchestrator.prune(dry_run).await {
+        Ok(report) => axum::Json(report).into_response(),
         Err(e) => error_response(e),
     }
 }

@@ -32,6 +32,15 @@ pub async fn logs(config: &Config, args: LogsArgs<'_>) -> Result<(), Failure> {
     let r = record(config, args.issue).await?;
     let chosen = choose(&r, args.round, args.attempt)?;
     let path = log_path(config, &r, chosen);
+    if let Some(at) = r.pruned_at
+        && !path.exists()
+    {
+        return Err(Failure::other(format!(
+            "{}: its logs were removed {} (service.retention)",
+            r.key(),
+            super::rfc3339(at)
+        )));
+    }
     let (round, number) = (chosen.round, chosen.number);
     let mut offset = match args.tail {
         Some(lines) => print_tail(&path, lines)?,
@@ -92,12 +101,12 @@ fn choose(r: &IssueRecord, round: Option<u32>, attempt: Option<u32>) -> Result<&
 /// yet; it is where the subprocess runner puts it.
 fn log_path(config: &Config, r: &IssueRecord, a: &Attempt) -> PathBuf {
     a.log_path.clone().unwrap_or_else(|| {
-        config
-            .service
-            .log_dir()
-            .join(r.key().repo.dir_name())
-            .join(format!("issue-{}", r.key().number))
-            .join(format!("round-{}-attempt-{}.log", a.round, a.number))
+        claude_flow_core::runner::attempt_log_path(
+            &config.service.log_dir(),
+            r.key(),
+            a.round,
+            a.number,
+        )
     })
 }
 

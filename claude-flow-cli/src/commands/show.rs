@@ -32,6 +32,12 @@ pub async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Fai
              approved text (apply the trigger label again to approve the new one)"
         )?;
     }
+    if let Some(t) = r.pruned_at {
+        outln!(
+            "files:      workspace and logs removed {} (service.retention)",
+            rfc3339(t)
+        )?;
+    }
     if let Some(t) = r.next_retry_at {
         outln!("next retry: {}", rfc3339(t))?;
     }
