@@ -4,7 +4,7 @@
 mod list;
 mod logs;
 mod show;
-mod state;
+pub(crate) mod state;
 mod status;
 
 use std::fmt;
@@ -307,7 +307,7 @@ pub(crate) fn open_for_writing(config: &Config) -> Result<FileStore, Failure> {
             ),
             code: 75,
         }),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(state::state_dir_failure(config, e)),
     }
 }
 

@@ -27,7 +27,10 @@ pub(crate) async fn run(config: &Config, dry_run: bool, json: bool) -> Result<()
         let retention = Retention::from_config(&config.service)
             .ok_or_else(|| Failure::other(retention::KEEP_ALL))?;
         let store: Box<dyn StateStore> = if dry_run {
-            Box::new(FileStore::open_read_only(&config.service.state_dir)?)
+            Box::new(
+                FileStore::open_read_only(&config.service.state_dir)
+                    .map_err(|e| crate::commands::state::state_dir_failure(config, e))?,
+            )
         } else {
             Box::new(open_for_writing(config)?)
         };

@@ -129,6 +129,11 @@ fn a_state_dir_that_cannot_be_read_is_named_as_service_state_dir() {
         &["status"],
         &["show", "1"],
         &["logs", "1"],
+        &["retry", "1"],
+        &["cancel", "1"],
+        &["resume"],
+        &["prune"],
+        &["prune", "--dry-run"],
     ] {
         let (code, stderr) = fail(&f, args);
         assert_eq!(code, 78, "{args:?}: {stderr}");
@@ -273,6 +278,56 @@ fn a_running_and_a_retrying_issue_as_status_list_and_logs_show_them() {
     assert!(show.contains("exit code 1"), "{show}");
     assert!(show.contains("cannot build: missing libfoo"), "{show}");
 
+    handle.shutdown();
+    rt.block_on(handle.wait()).unwrap();
+}
+
+#[test]
+fn a_secret_the_workflow_prints_is_redacted_in_show_and_the_console() {
+    const SECRET: &str = "plain-secret-value-4f1c2b";
+    const SHAPED: &str = "ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789";
+    let listen = format!("127.0.0.1:{}", free_port());
+    let f = Fixture::new();
+    f.config(json!({
+        "github": {"token": SECRET},
+        "workflow": {"pass_token": true},
+        "service": {"listen": listen, "max_attempts": 1},
+    }));
+    f.issue(1, "Leaky", "");
+    f.workflow(&format!(
+        "echo \"pushing with $GITHUB_TOKEN\"; echo \"found {SHAPED}\"; exit 1"
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = rt.block_on(start_service(&f));
+    wait_for("issue 1 to fail", || {
+        f.list()
+            .iter()
+            .any(|e| e["issue"] == "local/issues#1" && e["status"] == "failed")
+    });
+    let show = run(&f, &["show", "1"]);
+    assert!(show.contains("pushing with [redacted]"), "{show}");
+    let get = |path: &str| {
+        rt.block_on(async {
+            reqwest::get(format!("http://{listen}{path}"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
+    };
+    let page = get("/issues/local/issues/1");
+    assert!(page.contains("pushing with [redacted]"), "{page}");
+    let stream = get("/issues/local/issues/1/rounds/1/attempts/1/log");
+    assert!(stream.contains("pushing with [redacted]"), "{stream}");
+    for (what, text) in [("show", &show), ("page", &page), ("log stream", &stream)] {
+        assert!(!text.contains(SECRET), "{what} shows the token: {text}");
+        assert!(!text.contains(SHAPED), "{what} shows a token: {text}");
+    }
     handle.shutdown();
     rt.block_on(handle.wait()).unwrap();
 }

@@ -11,6 +11,7 @@ pub mod logging;
 pub mod ops;
 mod orchestrator;
 mod record;
+pub mod redact;
 pub mod retention;
 pub mod runner;
 mod secret;

@@ -111,7 +111,8 @@ impl Daemon {
             let store: Arc<dyn StateStore> = self.store.clone();
             let mut state = HttpState::new(Arc::clone(&self.orchestrator), store)
                 .with_webhook(WebhookConfig::from_config(config))
-                .with_log_dir(config.service.log_dir());
+                .with_log_dir(config.service.log_dir())
+                .with_redactor(claude_flow_core::redact::Redactor::from_config(config));
             if let Some(token) = &self.reloader.api_token {
                 state = state.with_api_token(token.clone());
             }

@@ -162,6 +162,8 @@ pub struct HttpState {
     metrics: Option<PrometheusHandle>,
     /// `service.log_dir`: where the console finds a running attempt's log.
     log_dir: Option<std::path::PathBuf>,
+    /// Takes secrets out of the workflow output the console shows.
+    redactor: claude_flow_core::redact::Redactor,
     /// Before the first poll, the health check counts from here.
     since: SystemTime,
 }
@@ -189,6 +191,7 @@ impl HttpState {
             api_token: Arc::default(),
             metrics: None,
             log_dir: None,
+            redactor: claude_flow_core::redact::Redactor::default(),
             since: SystemTime::now(),
         }
     }
@@ -235,6 +238,17 @@ impl HttpState {
     pub fn with_log_dir(mut self, log_dir: std::path::PathBuf) -> Self {
         self.log_dir = Some(log_dir);
         self
+    }
+
+    /// The secrets to take out of workflow output the console shows (the
+    /// configuration's tokens; GitHub-shaped tokens are taken out anyway).
+    pub fn with_redactor(mut self, redactor: claude_flow_core::redact::Redactor) -> Self {
+        self.redactor = redactor;
+        self
+    }
+
+    pub(crate) fn redactor(&self) -> &claude_flow_core::redact::Redactor {
+        &self.redactor
     }
 
     pub(crate) fn log_dir(&self) -> Option<&std::path::Path> {

@@ -17,6 +17,7 @@ const FAILED_LOG_LINES: usize = 10;
 /// `claude-flow show <n> [--json]`.
 pub async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Failure> {
     let r = record(config, arg).await?;
+    let redactor = claude_flow_core::redact::Redactor::from_config(config);
     if json {
         return out::json(&serde_json::to_value(&r).unwrap_or_default());
     }
@@ -78,7 +79,7 @@ pub async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Fai
                 .unwrap_or_default()
         )?;
         if let (Some(AttemptOutcome::Failed { .. }), Some(path)) = (&a.outcome, &a.log_path) {
-            let tail = log_tail(path, FAILED_LOG_LINES);
+            let tail = redactor.redact(&log_tail(path, FAILED_LOG_LINES));
             if !tail.is_empty() {
                 outln!("    last lines of its log:")?;
                 for line in tail.lines() {

@@ -55,7 +55,7 @@ impl<'a> ReadState<'a> {
 /// A state directory that cannot be read, said in terms of the setting: a
 /// path through a file, or one this user may not read, is a configuration
 /// problem (exit 78); anything else (a corrupt file, a failing disk) is not.
-fn state_dir_failure(config: &Config, e: StoreError) -> Failure {
+pub(crate) fn state_dir_failure(config: &Config, e: StoreError) -> Failure {
     let StoreError::Io { path, source } = e else {
         return e.into();
     };
@@ -71,7 +71,7 @@ fn state_dir_failure(config: &Config, e: StoreError) -> Failure {
         Some(hint) => {
             let mut error = ConfigError::key(
                 "service.state_dir",
-                format!("{dir}: cannot read {}: {source} ({hint})", path.display()),
+                format!("{dir}: cannot use {}: {source} ({hint})", path.display()),
             );
             if let Some(file) = &config.file {
                 error = error.in_file(file);
@@ -79,7 +79,7 @@ fn state_dir_failure(config: &Config, e: StoreError) -> Failure {
             Error::from(error).into()
         }
         None => Failure::other(format!(
-            "service.state_dir {dir}: cannot read {}: {source}",
+            "service.state_dir {dir}: cannot use {}: {source}",
             path.display()
         )),
     }

@@ -36,6 +36,8 @@ pub(super) struct Follow {
     /// How the attempt ended, when it already had: the log is sent whole
     /// and the stream ends.
     pub ended: Option<String>,
+    /// Secrets the workflow may print stay out of the page.
+    pub redactor: claude_flow_core::redact::Redactor,
 }
 
 impl Follow {
@@ -69,7 +71,7 @@ pub(super) fn stream(follow: Follow) -> Sse<impl Stream<Item = Result<Event, Inf
             // Asked before reading, so that lines written just before the
             // end are read after it is seen.
             let over = reader.follow.ended.is_some() || !reader.follow.running();
-            match read_new(&reader.follow.path, &mut reader.offset, over).await {
+            match read_new(&reader.follow, &mut reader.offset, over).await {
                 Some(event) => return Some((Ok(event), reader)),
                 None if over => {
                     reader.done = true;
@@ -91,8 +93,8 @@ pub(super) fn stream(follow: Follow) -> Sse<impl Stream<Item = Result<Event, Inf
 /// `over` (then the rest). The first read starts at most [`FIRST`] bytes
 /// before the end, at a line's start. `None` when there is nothing new
 /// (or no log yet).
-async fn read_new(path: &std::path::Path, offset: &mut Option<u64>, over: bool) -> Option<Event> {
-    let mut file = tokio::fs::File::open(path).await.ok()?;
+async fn read_new(follow: &Follow, offset: &mut Option<u64>, over: bool) -> Option<Event> {
+    let mut file = tokio::fs::File::open(&follow.path).await.ok()?;
     let len = file.metadata().await.ok()?.len();
     let (from, skip_partial) = match *offset {
         Some(at) => (at.min(len), false),
@@ -127,7 +129,9 @@ async fn read_new(path: &std::path::Path, offset: &mut Option<u64>, over: bool) 
     let text = String::from_utf8_lossy(&bytes[start.min(end)..end])
         .replace("\r\n", "\n")
         .replace('\r', "\n");
-    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = follow
+        .redactor
+        .redact(text.strip_suffix('\n').unwrap_or(&text));
     Some(
         Event::default()
             .event("log")

@@ -107,13 +107,14 @@ async fn issue_page(State(state): State<HttpState>, path: IssuePath) -> Response
         .filter_map(|a| Some((a.round, a.number, a.log_path.clone()?)))
         .collect();
     // Log files may be large and on a slow disk: off the async threads.
+    let redactor = state.redactor().clone();
     let tails = tokio::task::spawn_blocking(move || {
         wanted
             .into_iter()
             .map(|(round, number, path)| issue::Tail {
                 round,
                 number,
-                text: log_tail(&path, issue::TAIL_LINES),
+                text: redactor.redact(&log_tail(&path, issue::TAIL_LINES)),
             })
             .collect::<Vec<_>>()
     })
@@ -171,6 +172,7 @@ async fn log_events(
         path,
         resume_at,
         ended,
+        redactor: state.redactor().clone(),
     };
     live::stream(follow).into_response()
 }

@@ -6,12 +6,8 @@
 //! an operator's retry (a new round under the same trigger) gets a comment
 //! of its own instead of editing the last round's.
 
-use std::sync::LazyLock;
-
-use regex::Regex;
-
 use crate::issue_source::{CancelReport, FailureReport, StartReport, SuccessReport};
-use crate::secret::{REDACTED, Secret};
+use crate::secret::Secret;
 
 /// GitHub refuses comments over 65,536 characters; the log tail is cut
 /// well below that.
@@ -96,14 +92,7 @@ pub(crate) fn failed(trigger: &str, failure: &FailureReport, token: &Secret) -> 
 /// The token, and anything else shaped like a GitHub token (a workflow
 /// may print one it got elsewhere).
 pub(crate) fn redact(text: &str, token: &Secret) -> String {
-    static TOKENS: LazyLock<Option<Regex>> = LazyLock::new(|| {
-        Regex::new(r"\b(gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})\b").ok()
-    });
-    let text = token.redact(text);
-    match TOKENS.as_ref() {
-        Some(re) => re.replace_all(&text, REDACTED).into_owned(),
-        None => text,
-    }
+    crate::redact::Redactor::new([token.clone()]).redact(text)
 }
 
 /// A code fence longer than any run of backticks in `text`, so that the
