@@ -38,7 +38,7 @@ pub const SYSTEMD_RUN_DIR: &str = "/run/systemd/system";
 /// The state directory systemd creates for `StateDirectory=claude-flow`.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/claude-flow";
 /// The runtime directory systemd creates for `RuntimeDirectory=claude-flow`.
-const RUNTIME_DIR: &str = "/run/claude-flow";
+pub(crate) const RUNTIME_DIR: &str = "/run/claude-flow";
 
 const TEMPLATE: &str = include_str!("claude-flow.service.in");
 
@@ -583,6 +583,7 @@ pub fn install(systemd: &Systemd, options: &InstallOptions) -> Result<Vec<Step>,
         if let Some(dir) = c.service.pid_file.as_ref().and_then(|p| p.parent())
             && !writable.iter().any(|w| dir.starts_with(w))
             && !dir.starts_with(RUNTIME_DIR)
+            && !paths::is_system_dir(dir)
         {
             writable.push(dir.to_owned());
         }

@@ -125,29 +125,80 @@ impl Account {
     }
 }
 
+/// System directories the service must never be given, nor the operator
+/// told to open up: a path of the service's own belongs below them.
+const SYSTEM_DIRS: [&str; 9] = [
+    "/", "/run", "/var", "/var/lib", "/etc", "/usr", "/opt", "/srv", "/home",
+];
+
+/// Whether `dir` is one of [`SYSTEM_DIRS`] (even through a link): never
+/// made writable for the service, even with `--force`.
+pub(super) fn is_system_dir(dir: &Path) -> bool {
+    let real = resolved(dir);
+    SYSTEM_DIRS
+        .iter()
+        .any(|d| dir == Path::new(d) || real == Path::new(d))
+}
+
 /// What would keep the service from using its paths, one line each.
 pub(super) fn problems(uses: &[PathUse], account: &Account) -> Vec<String> {
     let mut found = Vec::new();
     for u in uses {
         let shown = u.path.display();
-        if let Some(home) = HOME_DIRS.iter().find(|d| u.path.starts_with(d)) {
+        let better = match u.how {
+            Use::Write => "e.g. under /var/lib/claude-flow",
+            Use::Read | Use::List | Use::Run => "e.g. under /etc/claude-flow or /usr/local",
+        };
+        // Where it really is: a symbolic link into /tmp is still /tmp.
+        let real = resolved(&u.path);
+        let hidden = |dirs: &[&'static str]| {
+            dirs.iter()
+                .find(|d| u.path.starts_with(d) || real.starts_with(d))
+                .copied()
+        };
+        if let Some(home) = hidden(&HOME_DIRS) {
             found.push(format!(
-                "{} {shown} is under {home}, which the unit hides (ProtectHome=yes): move it, \
-                 e.g. under /etc/claude-flow or /var/lib/claude-flow",
+                "{} {shown} is under {home}, which the unit hides (ProtectHome=yes): move it, {better}",
                 u.key
             ));
             continue;
         }
-        if let Some(tmp) = TMP_DIRS.iter().find(|d| u.path.starts_with(d)) {
+        if let Some(tmp) = hidden(&TMP_DIRS) {
             found.push(format!(
                 "{} {shown} is under {tmp}, which the unit replaces with an empty private one \
-                 (PrivateTmp=yes): move it, e.g. under /var/lib/claude-flow",
+                 (PrivateTmp=yes): move it, {better}",
+                u.key
+            ));
+            continue;
+        }
+        if u.key == "service.pid_file" {
+            // Its directory must be the service's own: /run/claude-flow is
+            // the unit's RuntimeDirectory=.
+            if !u.path.starts_with(super::RUNTIME_DIR) && is_system_dir(&u.path) {
+                found.push(format!(
+                    "{} is in {shown}, a system directory the service must not be given write \
+                     access to: put it under {} (the unit's RuntimeDirectory=)",
+                    u.key,
+                    super::RUNTIME_DIR
+                ));
+            }
+            continue;
+        }
+        if u.how == Use::Write && is_system_dir(&u.path) {
+            found.push(format!(
+                "{} {shown} is a system directory: give the service one of its own, {better}",
                 u.key
             ));
             continue;
         }
         // systemd hands the unit's StateDirectory= to the user at start.
-        if u.how == Use::Write && u.path.starts_with(super::DEFAULT_STATE_DIR) {
+        if u.how == Use::Write && real.starts_with(super::DEFAULT_STATE_DIR) {
+            continue;
+        }
+        // What the service only reads must exist (install creates what it
+        // writes; the configuration file itself may come later).
+        if u.how != Use::Write && u.key != "the configuration file" && !real.exists() {
+            found.push(format!("{} {shown} does not exist", u.key));
             continue;
         }
         if let Err(why) = access(account, &u.path, u.how) {
@@ -155,6 +206,25 @@ pub(super) fn problems(uses: &[PathUse], account: &Account) -> Vec<String> {
         }
     }
     found
+}
+
+/// `path` with its symbolic links resolved, as far as it exists (the rest
+/// appended as it is).
+fn resolved(path: &Path) -> PathBuf {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return path.to_owned(),
+        }
+    }
 }
 
 /// Whether `account` can use `path` as `how` says, from the owners and
@@ -244,7 +314,7 @@ mod tests {
         assert!(home[0].contains("ProtectHome=yes"), "{home:?}");
         let tmp = one(Path::new("/var/tmp/cf/issues"), Use::List);
         assert!(tmp[0].contains("PrivateTmp=yes"), "{tmp:?}");
-        assert!(one(Path::new("/var/lib/claude-flow/issues"), Use::List).is_empty());
+        assert!(one(Path::new("/usr/share"), Use::List).is_empty());
     }
 
     #[test]
@@ -290,5 +360,50 @@ mod tests {
             access(&nobody(), &config, Use::Run).is_err(),
             "not executable"
         );
+    }
+
+    #[test]
+    fn links_into_tmp_missing_inputs_and_system_directories_are_problems() {
+        // A link outside /tmp that leads into it.
+        let tmp = tempfile::tempdir().unwrap();
+        let link = PathBuf::from(format!("/dev/shm/claude-flow-test-{}", std::process::id()));
+        if std::os::unix::fs::symlink(tmp.path(), &link).is_ok() {
+            let found = one(&link.join("issues"), Use::List);
+            let _ = std::fs::remove_file(&link);
+            assert!(found[0].contains("PrivateTmp=yes"), "{found:?}");
+        } else {
+            eprintln!("SKIPPED the link part: cannot write /dev/shm");
+        }
+        let missing = problems(
+            &[PathUse {
+                key: "github.token_file",
+                path: PathBuf::from("/etc/claude-flow-test-no-such/token"),
+                how: Use::Read,
+            }],
+            &nobody(),
+        );
+        assert_eq!(
+            missing,
+            ["github.token_file /etc/claude-flow-test-no-such/token does not exist"]
+        );
+        let pid = problems(
+            &[PathUse {
+                key: "service.pid_file",
+                path: PathBuf::from("/run"),
+                how: Use::Write,
+            }],
+            &nobody(),
+        );
+        assert!(pid[0].contains("put it under /run/claude-flow"), "{pid:?}");
+        let var = problems(
+            &[PathUse {
+                key: "service.log_dir",
+                path: PathBuf::from("/var"),
+                how: Use::Write,
+            }],
+            &nobody(),
+        );
+        assert!(var[0].contains("is a system directory"), "{var:?}");
+        assert!(!var[0].contains("chmod"), "{var:?}");
     }
 }
