@@ -186,9 +186,11 @@ impl Drop for FileStore {
         if let Some(thread) = self.writer_thread.take() {
             let _ = thread.join();
         }
-        // A clean exit leaves no PID behind for `lock_holder` to find.
+        // A clean exit leaves no PID behind for `lock_holder` to find,
+        // and keeps the file's block, so that a start on a full disk can
+        // write its PID again.
         if let Some(lock) = &self._lock {
-            let _ = lock.set_len(0);
+            let _ = write_pid_field(lock, "");
         }
     }
 }
@@ -315,11 +317,22 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
         }
         Err(fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
     }
-    file.set_len(0)
-        .and_then(|()| file.seek(SeekFrom::Start(0)))
-        .and_then(|_| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
-        .map_err(io_err(&path))?;
+    // The flock is the lock; the PID only tells the CLI who holds it, so a
+    // full disk (no block for it) does not stop the start.
+    if let Err(e) = write_pid_field(&file, &std::process::id().to_string()) {
+        tracing::warn!(file = %path.display(), error = %e, "cannot write the PID into the lock file; the lock holds anyway");
+    }
     Ok(file)
+}
+
+/// Writes `text` into the lock file as a fixed-width field, in place: the
+/// file keeps its size (and its block) from one holder to the next.
+fn write_pid_field(mut file: &File, text: &str) -> std::io::Result<()> {
+    const WIDTH: usize = 10;
+    let field = format!("{text:>WIDTH$}\n");
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(field.as_bytes())?;
+    file.set_len(field.len() as u64)
 }
 
 /// Replaces `path` with `bytes` whole, or leaves it as it was: written to
