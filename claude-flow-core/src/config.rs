@@ -622,6 +622,21 @@ impl Config {
             if self.store.postgres.url.is_some() || self.store.postgres.url_file.is_none() {
                 self.postgres_url()?;
             }
+            // A daemon that loses the database stops its workflows within
+            // half the lease plus the kill grace; that must end before the
+            // lease does, when another daemon may start the same issue.
+            if self.workflow.kill_grace * 2 >= self.store.postgres.lease {
+                return Err(ConfigError::key(
+                    "store.postgres.lease",
+                    format!(
+                        "{} must be more than twice workflow.kill_grace ({}), so that a daemon \
+                         that loses the database has stopped its workflows before another may \
+                         start them",
+                        humantime::format_duration(self.store.postgres.lease),
+                        humantime::format_duration(self.workflow.kill_grace)
+                    ),
+                ));
+            }
         }
         if self.service.retry_backoff_max < self.service.retry_backoff {
             return Err(ConfigError::key(
@@ -1234,6 +1249,20 @@ mod tests {
         let e = err(MINIMAL, &[("CLAUDE_FLOW_STORE__POSTGRES__LEASE", "0s")]);
         assert!(
             e.starts_with("store.postgres.lease: must be longer than 0s"),
+            "{e}"
+        );
+        let e = err(
+            MINIMAL,
+            &[
+                ("CLAUDE_FLOW_STORE__KIND", "postgres"),
+                ("CLAUDE_FLOW_STORE__POSTGRES__URL", "postgres://db/cf"),
+                ("CLAUDE_FLOW_STORE__POSTGRES__LEASE", "20s"),
+            ],
+        );
+        assert!(
+            e.starts_with(
+                "store.postgres.lease: 20s must be more than twice workflow.kill_grace (10s)"
+            ),
             "{e}"
         );
         let e = err(MINIMAL, &[("CLAUDE_FLOW_SERVICE__NODE", " ")]);

@@ -176,6 +176,10 @@ pub enum StoreError {
         /// The issue.
         issue: IssueKey,
     },
+    /// The store's configuration is wrong: the database refused the login,
+    /// or has no such database (exit code 78, naming the key).
+    #[error("configuration error: {0}")]
+    Misconfigured(ConfigError),
     /// The database was upgraded by a newer claude-flow.
     #[error(
         "the database's claude-flow schema is at version {found}, newer than this claude-flow \
@@ -275,7 +279,7 @@ impl Error {
     /// configuration, 75 for a locked state directory, else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Config(_) => 78,
+            Self::Config(_) | Self::Store(StoreError::Misconfigured(_)) => 78,
             Self::Store(StoreError::Locked { .. }) => 75,
             _ => 1,
         }

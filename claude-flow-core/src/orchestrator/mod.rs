@@ -15,6 +15,7 @@
 
 mod attempt;
 mod engine;
+mod leadership;
 mod pause;
 mod poller;
 mod reporter;
@@ -57,6 +58,8 @@ pub struct Settings {
     pub max_pause: Duration,
     /// Interruptions in a row after which an attempt fails its round.
     pub max_interruptions: u32,
+    /// This daemon's name among several sharing a store (`service.node`).
+    pub node: String,
 }
 
 impl Default for Settings {
@@ -77,6 +80,7 @@ impl Settings {
             shutdown_grace: service.shutdown_grace,
             max_pause: service.max_pause,
             max_interruptions: service.max_interruptions,
+            node: service.node.clone(),
         }
     }
 
@@ -428,6 +432,35 @@ impl Orchestrator {
     }
 
     async fn run_engine(&self, mode: Mode, shutdown: CancellationToken) -> Result<Summary, Error> {
+        // A shared store: only the leader runs the engine.
+        let leadership = match self.shared.store.coordination() {
+            None => None,
+            Some(coordination) => {
+                let node = self.settings.borrow().node.clone();
+                match leadership::acquire(coordination, &*self.shared.store, &node, &shutdown)
+                    .await?
+                {
+                    Some(leadership) => Some(leadership),
+                    None => return Ok(Summary::default()),
+                }
+            }
+        };
+        let shutdown = match &leadership {
+            Some(leadership) => leadership.guard(shutdown, Arc::clone(&self.hurry)),
+            None => shutdown,
+        };
+        let result = self.run_engine_led(mode, shutdown).await;
+        match leadership {
+            Some(leadership) => leadership.end().await.and(result),
+            None => result,
+        }
+    }
+
+    async fn run_engine_led(
+        &self,
+        mode: Mode,
+        shutdown: CancellationToken,
+    ) -> Result<Summary, Error> {
         let inbox = self
             .inbox
             .lock()

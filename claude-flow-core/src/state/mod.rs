@@ -35,7 +35,6 @@ pub use postgres::{Migrated, PostgresSettings, PostgresStore};
 ///
 /// `put` returns only once the record is durable: if the process is killed
 /// right after, a new instance's `load` sees it.
-#[cfg_attr(any(test, feature = "test-util"), mockall::automock)]
 #[async_trait]
 pub trait StateStore: Send + Sync {
     /// Reads every record from durable storage (a fresh look, not a cache).
@@ -78,5 +77,25 @@ pub trait StateStore: Send + Sync {
     /// schedule.
     fn coordination(&self) -> Option<Arc<dyn Coordination>> {
         None
+    }
+}
+
+#[cfg(any(test, feature = "test-util"))]
+mockall::mock! {
+    /// A mockall mock of [`StateStore`]. The capability methods
+    /// ([`guarantees`](StateStore::guarantees),
+    /// [`coordination`](StateStore::coordination)) keep their defaults, so
+    /// a test sets expectations only on what it exercises.
+    pub StateStore {}
+
+    #[async_trait]
+    impl StateStore for StateStore {
+        async fn load(&self) -> Result<Vec<IssueRecord>, StoreError>;
+        async fn get(&self, key: &IssueKey) -> Result<Option<IssueRecord>, StoreError>;
+        async fn put(&self, record: &IssueRecord) -> Result<(), StoreError>;
+        async fn put_relaxed(&self, record: &IssueRecord) -> Result<(), StoreError>;
+        async fn list(&self) -> Result<Vec<IssueRecord>, StoreError>;
+        async fn load_service(&self) -> Result<ServiceState, StoreError>;
+        async fn put_service(&self, state: &ServiceState) -> Result<(), StoreError>;
     }
 }

@@ -43,6 +43,7 @@ impl Coordination for PostgresStore {
         now: SystemTime,
         begin: Begin<'_>,
     ) -> Result<Vec<Claim>, StoreError> {
+        self.ready().await?;
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -102,6 +103,7 @@ impl Coordination for PostgresStore {
     }
 
     async fn renew(&self, claims: &[Claim]) -> Result<Vec<Claim>, StoreError> {
+        self.ready().await?;
         let Some(first) = claims.first() else {
             return Ok(Vec::new());
         };
@@ -136,6 +138,7 @@ impl Coordination for PostgresStore {
     }
 
     async fn finish(&self, claim: &Claim, record: &IssueRecord) -> Result<(), StoreError> {
+        self.ready().await?;
         let done = sqlx::query(
             "UPDATE claude_flow_issues SET status = $4, ready_at = to_timestamp($5), \
              record = $6::jsonb, node = NULL, run_id = NULL, lease_until = NULL, \
@@ -160,6 +163,7 @@ impl Coordination for PostgresStore {
     }
 
     async fn expire(&self, settle: Begin<'_>) -> Result<Vec<IssueRecord>, StoreError> {
+        self.ready().await?;
         let mut tx = self
             .inner
             .pool
@@ -196,6 +200,7 @@ impl Coordination for PostgresStore {
     }
 
     async fn lead(&self, _node: &str) -> Result<bool, StoreError> {
+        self.ready().await?;
         let mut slot = self.inner.leader.lock().await;
         if let Some((conn, leading)) = slot.as_mut() {
             let answer = if *leading {
@@ -260,6 +265,7 @@ impl Coordination for PostgresStore {
     }
 
     async fn wait_for_work(&self, timeout: Duration) -> Result<bool, StoreError> {
+        self.ready().await?;
         let mut slot = self.inner.listener.lock().await;
         if slot.is_none() {
             let mut listener = PgListener::connect_with(&self.inner.pool)
@@ -296,6 +302,7 @@ impl Coordination for PostgresStore {
     }
 
     async fn heartbeat(&self, node: &str) -> Result<(), StoreError> {
+        self.ready().await?;
         sqlx::query(
             "INSERT INTO claude_flow_nodes (node) VALUES ($1) \
              ON CONFLICT (node) DO UPDATE SET heartbeat_at = now()",
@@ -308,6 +315,7 @@ impl Coordination for PostgresStore {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
+        self.ready().await?;
         let rows: Vec<(String, f64, f64)> = sqlx::query_as(
             "SELECT node, extract(epoch FROM started_at)::float8, \
              extract(epoch FROM heartbeat_at)::float8 FROM claude_flow_nodes ORDER BY node",

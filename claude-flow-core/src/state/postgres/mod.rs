@@ -88,6 +88,10 @@ struct Inner {
     leader: tokio::sync::Mutex<Option<(PgConnection, bool)>>,
     /// The connection that listens for work.
     listener: tokio::sync::Mutex<Option<PgListener>>,
+    /// Set once the schema is known to be this binary's: a store opened
+    /// with [`PostgresStore::open_lazy`] migrates before its first
+    /// statement, and tries again at the next one when that failed.
+    schema: tokio::sync::OnceCell<()>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -110,9 +114,18 @@ impl PostgresStore {
     /// [`StoreError::Database`]; a schema newer than this binary's is
     /// [`StoreError::SchemaTooNew`], and nothing is changed.
     pub async fn connect(url: &Secret, settings: PostgresSettings) -> Result<Self, Error> {
+        let store = Self::open_lazy(url, settings)?;
+        store.ready().await?;
+        Ok(store)
+    }
+
+    /// Opens the store without connecting: the URL is checked now, and the
+    /// schema brought up to date before the first statement (a daemon
+    /// started while the database is down starts, and its store answers
+    /// with retryable errors until the database is back).
+    pub fn open_lazy(url: &Secret, settings: PostgresSettings) -> Result<Self, ConfigError> {
         let options = parse_url(url)?;
-        schema::migrate(&options, url, settings.connect_timeout).await?;
-        Self::open(url, options, settings)
+        Ok(Self::open(url, options, settings))
     }
 
     /// Connects without touching the schema, which must be exactly this
@@ -120,7 +133,9 @@ impl PostgresStore {
     pub async fn connect_current(url: &Secret, settings: PostgresSettings) -> Result<Self, Error> {
         let options = parse_url(url)?;
         schema::check(&options, url, settings.connect_timeout).await?;
-        Self::open(url, options, settings)
+        let store = Self::open(url, options, settings);
+        let _ = store.inner.schema.set(());
+        Ok(store)
     }
 
     /// Brings the database's schema up to date (`claude-flow store
@@ -130,16 +145,12 @@ impl PostgresStore {
         schema::migrate(&options, url, PostgresSettings::default().connect_timeout).await
     }
 
-    fn open(
-        url: &Secret,
-        options: PgConnectOptions,
-        settings: PostgresSettings,
-    ) -> Result<Self, Error> {
+    fn open(url: &Secret, options: PgConnectOptions, settings: PostgresSettings) -> Self {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.connect_timeout)
             .connect_lazy_with(options.clone());
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
                 pool,
                 options,
@@ -147,8 +158,28 @@ impl PostgresStore {
                 settings,
                 leader: tokio::sync::Mutex::new(None),
                 listener: tokio::sync::Mutex::new(None),
+                schema: tokio::sync::OnceCell::new(),
             }),
-        })
+        }
+    }
+
+    /// Brings the schema up to date once (see [`open_lazy`](Self::open_lazy)).
+    async fn ready(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        inner
+            .schema
+            .get_or_try_init(|| async {
+                match schema::migrate(&inner.options, &inner.url, inner.settings.connect_timeout)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(Error::Store(e)) => Err(e),
+                    Err(Error::Config(e)) => Err(StoreError::Misconfigured(e)),
+                    Err(e) => Err(StoreError::Failed(e.to_string())),
+                }
+            })
+            .await
+            .map(|_| ())
     }
 
     /// Closes the pool and the dedicated connections (leadership ends).
@@ -294,6 +325,7 @@ impl StateStore for PostgresStore {
     }
 
     async fn get(&self, key: &IssueKey) -> Result<Option<IssueRecord>, StoreError> {
+        self.ready().await?;
         let issue = key.to_string();
         let row: Option<(String,)> =
             sqlx::query_as("SELECT record::text FROM claude_flow_issues WHERE issue = $1")
@@ -305,6 +337,7 @@ impl StateStore for PostgresStore {
     }
 
     async fn put(&self, record: &IssueRecord) -> Result<(), StoreError> {
+        self.ready().await?;
         sqlx::query(
             "INSERT INTO claude_flow_issues (issue, status, ready_at, record) \
              VALUES ($1, $2, to_timestamp($3), $4::jsonb) \
@@ -322,6 +355,7 @@ impl StateStore for PostgresStore {
     }
 
     async fn list(&self) -> Result<Vec<IssueRecord>, StoreError> {
+        self.ready().await?;
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT issue, record::text FROM claude_flow_issues ORDER BY issue")
                 .fetch_all(&self.inner.pool)
@@ -333,6 +367,7 @@ impl StateStore for PostgresStore {
     }
 
     async fn load_service(&self) -> Result<ServiceState, StoreError> {
+        self.ready().await?;
         let row: Option<(String,)> =
             sqlx::query_as("SELECT state::text FROM claude_flow_service WHERE id")
                 .fetch_optional(&self.inner.pool)
@@ -349,6 +384,7 @@ impl StateStore for PostgresStore {
     }
 
     async fn put_service(&self, state: &ServiceState) -> Result<(), StoreError> {
+        self.ready().await?;
         let text = serde_json::to_string(state).map_err(|e| StoreError::Database {
             what: "encode the service state".into(),
             message: e.to_string(),
