@@ -128,6 +128,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}: configuration OK", cli.config.display());
             Ok(())
         }
+        Command::Store(command) => crate::store::run(&config, command).await,
         Command::Config(ConfigCommand::Show) => {
             print_json(&config.to_redacted_json());
             Ok(())

@@ -3,6 +3,7 @@
 mod cli;
 mod commands;
 mod service;
+mod store;
 
 use std::process::ExitCode;
 

@@ -4,19 +4,16 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used)] // a panic in a test is a failed assertion
 
-#[path = "support/postgres.rs"]
-mod postgres_db;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use claude_flow_core::state::TestDb;
 use claude_flow_core::state::{PostgresSettings, PostgresStore};
 use claude_flow_core::{
     ExitKind, FnRunner, Issue, IssueKey, IssueStatus, MemorySource, Orchestrator, RunOutcome,
     Settings, StateStore, Summary,
 };
-use postgres_db::TestDb;
 use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(60);

@@ -4,19 +4,16 @@
 #![allow(clippy::unwrap_used)] // a panic in a test is a failed assertion
 #![cfg(feature = "postgres")]
 
-#[path = "support/postgres.rs"]
-mod postgres_db;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use claude_flow_core::state::TestDb;
 use claude_flow_core::state::{Coordination, PostgresSettings, PostgresStore};
 use claude_flow_core::{
     Attempt, AttemptOutcome, Error, Issue, IssueKey, IssueRecord, IssueStatus, RepoId, Secret,
     StateStore, StoreError,
 };
-use postgres_db::TestDb;
 use sqlx::Connection;
 
 const PATIENCE: Duration = Duration::from_secs(60);

@@ -12,10 +12,6 @@ use claude_flow_core::{
     FileStore, Issue, IssueKey, IssueRecord, IssueStatus, RepoId, ServiceState, StateStore,
 };
 
-#[cfg(feature = "postgres")]
-#[path = "support/postgres.rs"]
-mod postgres_db;
-
 type Opened = Pin<Box<dyn Future<Output = Box<dyn StateStore>>>>;
 
 fn record(n: u64) -> IssueRecord {
@@ -92,7 +88,7 @@ async fn the_file_store_keeps_the_contract() {
 #[tokio::test]
 async fn the_postgres_store_keeps_the_contract() {
     use claude_flow_core::state::{PostgresSettings, PostgresStore};
-    let Some(db) = postgres_db::TestDb::create().await else {
+    let Some(db) = claude_flow_core::state::TestDb::create().await else {
         return;
     };
     let url = db.url.clone();

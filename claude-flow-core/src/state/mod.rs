@@ -30,6 +30,8 @@ pub use file::FileStore;
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{Migrated, PostgresSettings, PostgresStore};
+#[cfg(all(feature = "postgres", any(test, feature = "test-util")))]
+pub use postgres::{TEST_POSTGRES_VAR, TestDb};
 
 /// Keeps issue records across restarts.
 ///

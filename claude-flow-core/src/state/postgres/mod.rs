@@ -19,6 +19,8 @@
 
 mod coordinate;
 mod schema;
+#[cfg(any(test, feature = "test-util"))]
+mod test_db;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -36,6 +38,8 @@ use crate::record::{IssueRecord, IssueStatus, ServiceState};
 use crate::secret::Secret;
 
 pub use schema::Migrated;
+#[cfg(any(test, feature = "test-util"))]
+pub use test_db::{TEST_POSTGRES_VAR, TestDb};
 
 /// The configuration key errors about the connection name.
 const URL_KEY: &str = "store.postgres.url";
@@ -318,6 +322,81 @@ fn from_json(issue: &str, text: &str) -> Result<IssueRecord, StoreError> {
     })
 }
 
+type Query = sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// The statement that stores a record, replacing the issue's previous one
+/// (its claim columns stay as they are).
+fn upsert(record: &IssueRecord) -> Result<Query, StoreError> {
+    Ok(sqlx::query(
+        "INSERT INTO claude_flow_issues (issue, status, ready_at, record) \
+         VALUES ($1, $2, to_timestamp($3), $4::jsonb) \
+         ON CONFLICT (issue) DO UPDATE SET status = excluded.status, \
+         ready_at = excluded.ready_at, record = excluded.record, written_at = now()",
+    )
+    .bind(record.key().to_string())
+    .bind(record.status.as_str())
+    .bind(ready_at(record).map(epoch))
+    .bind(to_json(record)?))
+}
+
+/// The statement that stores the service state.
+fn upsert_service(state: &ServiceState) -> Result<Query, StoreError> {
+    let text = serde_json::to_string(state).map_err(|e| StoreError::Database {
+        what: "encode the service state".into(),
+        message: e.to_string(),
+        retryable: false,
+    })?;
+    Ok(sqlx::query(
+        "INSERT INTO claude_flow_service (id, state) VALUES (true, $1::jsonb) \
+         ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+    )
+    .bind(text))
+}
+
+impl PostgresStore {
+    /// Copies `records` and `service` into a database that holds no
+    /// records yet (`claude-flow store copy --to postgres`): all of them in
+    /// one transaction, or nothing. A database that already holds records
+    /// is refused ([`Error::Conflict`]), so a copy runs once and never
+    /// overwrites what daemons wrote.
+    pub async fn import(
+        &self,
+        records: &[IssueRecord],
+        service: &ServiceState,
+    ) -> Result<usize, Error> {
+        self.ready().await?;
+        let what = "copy records in";
+        let mut tx = self.inner.pool.begin().await.map_err(self.db(what))?;
+        // Two copies at once: the second waits here, then finds records.
+        sqlx::query("LOCK TABLE claude_flow_issues IN EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .map_err(self.db(what))?;
+        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM claude_flow_issues")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(self.db(what))?;
+        if held > 0 {
+            return Err(Error::Conflict(format!(
+                "the database already holds {held} issue records: `store copy` copies into a \
+                 database without records only, once; nothing was copied"
+            )));
+        }
+        for record in records {
+            upsert(record)?
+                .execute(&mut *tx)
+                .await
+                .map_err(self.db(what))?;
+        }
+        upsert_service(service)?
+            .execute(&mut *tx)
+            .await
+            .map_err(self.db(what))?;
+        tx.commit().await.map_err(self.db(what))?;
+        Ok(records.len())
+    }
+}
+
 #[async_trait]
 impl StateStore for PostgresStore {
     async fn load(&self) -> Result<Vec<IssueRecord>, StoreError> {
@@ -338,19 +417,10 @@ impl StateStore for PostgresStore {
 
     async fn put(&self, record: &IssueRecord) -> Result<(), StoreError> {
         self.ready().await?;
-        sqlx::query(
-            "INSERT INTO claude_flow_issues (issue, status, ready_at, record) \
-             VALUES ($1, $2, to_timestamp($3), $4::jsonb) \
-             ON CONFLICT (issue) DO UPDATE SET status = excluded.status, \
-             ready_at = excluded.ready_at, record = excluded.record, written_at = now()",
-        )
-        .bind(record.key().to_string())
-        .bind(record.status.as_str())
-        .bind(ready_at(record).map(epoch))
-        .bind(to_json(record)?)
-        .execute(&self.inner.pool)
-        .await
-        .map_err(self.db("write a record"))?;
+        upsert(record)?
+            .execute(&self.inner.pool)
+            .await
+            .map_err(self.db("write a record"))?;
         Ok(())
     }
 
@@ -385,19 +455,10 @@ impl StateStore for PostgresStore {
 
     async fn put_service(&self, state: &ServiceState) -> Result<(), StoreError> {
         self.ready().await?;
-        let text = serde_json::to_string(state).map_err(|e| StoreError::Database {
-            what: "encode the service state".into(),
-            message: e.to_string(),
-            retryable: false,
-        })?;
-        sqlx::query(
-            "INSERT INTO claude_flow_service (id, state) VALUES (true, $1::jsonb) \
-             ON CONFLICT (id) DO UPDATE SET state = excluded.state",
-        )
-        .bind(text)
-        .execute(&self.inner.pool)
-        .await
-        .map_err(self.db("write the service state"))?;
+        upsert_service(state)?
+            .execute(&self.inner.pool)
+            .await
+            .map_err(self.db("write the service state"))?;
         Ok(())
     }
 
