@@ -10,9 +10,10 @@
 //!   to be unexpired (fencing): once it ran out, the holder can change
 //!   nothing, and the leader may hand the issue to another daemon.
 //! - **The leader** holds a session advisory lock on a connection of its
-//!   own, with `idle_session_timeout` set to the lease: a leader that dies
-//!   or stops answering loses its session, and the lock with it, within
-//!   the lease.
+//!   own. Every writing session has `idle_session_timeout` set to the lease
+//!   (PostgreSQL 14 and newer): a leader that dies or stops answering loses
+//!   its sessions, the lock with them, within the lease, and no write of
+//!   its can land after that.
 //! - **Wake-ups**: a trigger sends `NOTIFY claude_flow_work` whenever an
 //!   issue is left ready and unclaimed; idle daemons `LISTEN`.
 
@@ -237,17 +238,6 @@ impl Coordination for PostgresStore {
             .connect()
             .await
             .map_err(self.db("connect for leadership"))?;
-        let timeout = format!("{}ms", self.inner.settings.lease.as_millis());
-        // PostgreSQL 14 and newer end a session idle for this long, which
-        // frees a stuck leader's lock within the lease; older servers
-        // refuse the setting, and a dead leader is then found by TCP.
-        if let Err(e) = sqlx::query("SELECT set_config('idle_session_timeout', $1, false)")
-            .bind(&timeout)
-            .execute(&mut conn)
-            .await
-        {
-            tracing::debug!(error = %e, "idle_session_timeout not available");
-        }
         let leading: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(LEADER_LOCK)
             .fetch_one(&mut conn)
@@ -268,7 +258,7 @@ impl Coordination for PostgresStore {
         self.ready().await?;
         let mut slot = self.inner.listener.lock().await;
         if slot.is_none() {
-            let mut listener = PgListener::connect_with(&self.inner.pool)
+            let mut listener = PgListener::connect_with(&self.inner.listen_pool)
                 .await
                 .map_err(self.db("listen for work"))?;
             listener

@@ -83,6 +83,10 @@ pub struct PostgresStore {
 
 struct Inner {
     pool: PgPool,
+    /// The listener's connection comes from here.
+    listen_pool: PgPool,
+    /// With the fencing `idle_session_timeout`, for the leader's
+    /// connection.
     options: PgConnectOptions,
     /// The URL, only to scrub it from driver messages.
     url: Secret,
@@ -150,14 +154,31 @@ impl PostgresStore {
     }
 
     fn open(url: &Secret, options: PgConnectOptions, settings: PostgresSettings) -> Self {
+        // Fencing: every session that writes ends after one lease without a
+        // statement, so a daemon cut off from the database cannot have a
+        // write land after another daemon took over (its sessions are gone
+        // by then). The pool drops idle connections well before that, and
+        // tests each one before use.
+        let fenced = options.clone().options([(
+            "idle_session_timeout",
+            format!("{}ms", settings.lease.as_millis()),
+        )]);
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.connect_timeout)
-            .connect_lazy_with(options.clone());
+            .idle_timeout(settings.lease / 2)
+            .test_before_acquire(true)
+            .connect_lazy_with(fenced.clone());
+        // The listener only reads, and idles by design: no timeout.
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.connect_timeout)
+            .connect_lazy_with(options);
         Self {
             inner: Arc::new(Inner {
                 pool,
-                options,
+                listen_pool,
+                options: fenced,
                 url: url.clone(),
                 settings,
                 leader: tokio::sync::Mutex::new(None),
@@ -193,6 +214,7 @@ impl PostgresStore {
         }
         self.inner.listener.lock().await.take();
         self.inner.pool.close().await;
+        self.inner.listen_pool.close().await;
     }
 
     fn db(&self, what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
