@@ -77,8 +77,21 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn StateStore>, Error> {
         StoreKind::File => Ok(Arc::new(FileStore::open(&config.service.state_dir)?)),
         #[cfg(feature = "postgres")]
         StoreKind::Postgres => {
+            use std::os::unix::fs::DirBuilderExt;
+
             use crate::state::{PostgresSettings, PostgresStore};
             let url = config.postgres_url()?;
+            // The records are in the database; logs, workspaces and the
+            // API token still live in the state directory.
+            let dir = &config.service.state_dir;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| crate::error::StoreError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
             let settings = PostgresSettings::from_config(&config.store.postgres);
             Ok(Arc::new(PostgresStore::open_lazy(&url, settings)?))
         }

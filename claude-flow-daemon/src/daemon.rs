@@ -217,7 +217,8 @@ async fn tell_systemd(
                     return;
                 }
                 let now = status.borrow_and_update().clone();
-                if !ready && now.last_poll.is_some() {
+                // A daemon standing by is up: it takes over when it must.
+                if !ready && (now.last_poll.is_some() || now.standby.is_some()) {
                     notifier.ready();
                     ready = true;
                 }
@@ -255,6 +256,9 @@ async fn tell_systemd(
 fn describe(s: &Status) -> String {
     if s.stopping {
         return format!("stopping: {} workflows still running", s.running.len());
+    }
+    if let Some(why) = &s.standby {
+        return why.clone();
     }
     let poll = match &s.last_poll {
         None => "first poll".to_owned(),

@@ -21,10 +21,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::Status;
 use crate::error::{Error, StoreError};
 use crate::record::IssueStatus;
 use crate::state::{Coordination, StateStore};
@@ -44,19 +45,29 @@ impl Drop for Leadership {
     }
 }
 
-/// Tries once, bounded by `period`.
-async fn try_lead(coordination: &dyn Coordination, node: &str, period: Duration) -> bool {
+/// Tries once, bounded by `period`: `Ok(leading)`, or why the store could
+/// not say.
+async fn ask(
+    coordination: &dyn Coordination,
+    node: &str,
+    period: Duration,
+) -> Result<bool, String> {
     match tokio::time::timeout(period, coordination.lead(node)).await {
-        Ok(Ok(leading)) => leading,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot reach the store to lead; trying again");
-            false
-        }
-        Err(_) => {
-            tracing::warn!("the store did not answer in time about leadership");
-            false
-        }
+        Ok(Ok(leading)) => Ok(leading),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(period)
+        )),
     }
+}
+
+/// Tries once, bounded by `period`; a store that cannot say means no.
+async fn try_lead(coordination: &dyn Coordination, node: &str, period: Duration) -> bool {
+    ask(coordination, node, period).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot reach the store to confirm leadership");
+        false
+    })
 }
 
 /// Waits until this daemon leads. `None` when `shutdown` fired first.
@@ -64,24 +75,44 @@ pub(super) async fn acquire(
     coordination: Arc<dyn Coordination>,
     store: &dyn StateStore,
     node: &str,
+    status: &watch::Sender<Status>,
     shutdown: &CancellationToken,
 ) -> Result<Option<Leadership>, Error> {
     let lease = coordination.lease();
     let period = lease / 4;
-    let mut announced = false;
-    while !try_lead(&*coordination, node, period).await {
-        if !announced {
-            tracing::info!(node, "standing by: another daemon leads");
-            announced = true;
+    let mut said = String::new();
+    loop {
+        let (why, reachable) = match ask(&*coordination, node, period).await {
+            Ok(true) => break,
+            Ok(false) => ("standing by: another daemon leads".to_owned(), true),
+            Err(e) => (format!("waiting for the database: {e}"), false),
+        };
+        if why != said {
+            if reachable {
+                tracing::info!(node, "{why}");
+            } else {
+                tracing::warn!(node, "{why}");
+            }
+            said.clone_from(&why);
         }
         if let Err(e) = coordination.heartbeat(node).await {
             tracing::debug!(error = %e, "heartbeat failed");
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            () = tokio::time::sleep(period) => {}
+        // The heartbeat moves every second, as the engine's does, so that
+        // the systemd watchdog leaves a waiting daemon alone.
+        let next = tokio::time::Instant::now() + period;
+        while tokio::time::Instant::now() < next {
+            status.send_modify(|s| {
+                s.standby = Some(why.clone());
+                s.heartbeat = s.heartbeat.wrapping_add(1);
+            });
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(None),
+                () = tokio::time::sleep(Duration::from_secs(1).min(next - tokio::time::Instant::now())) => {}
+            }
         }
     }
+    status.send_modify(|s| s.standby = None);
     tracing::info!(
         node,
         "leading: this daemon polls, reports and runs workflows"

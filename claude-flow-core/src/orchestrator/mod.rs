@@ -236,6 +236,9 @@ pub struct Status {
     pub skipped: Vec<crate::issue_source::SkippedTrigger>,
     /// A graceful stop is under way.
     pub stopping: bool,
+    /// Why this daemon runs no engine now, with a store several daemons
+    /// share: another daemon leads, or the database cannot be reached.
+    pub standby: Option<String>,
     /// Counts the scheduler loop's turns; the loop turns at least once a
     /// second, so a counter that stops moving means a hung loop (what a
     /// watchdog should catch).
@@ -437,8 +440,14 @@ impl Orchestrator {
             None => None,
             Some(coordination) => {
                 let node = self.settings.borrow().node.clone();
-                match leadership::acquire(coordination, &*self.shared.store, &node, &shutdown)
-                    .await?
+                match leadership::acquire(
+                    coordination,
+                    &*self.shared.store,
+                    &node,
+                    &self.status,
+                    &shutdown,
+                )
+                .await?
                 {
                     Some(leadership) => Some(leadership),
                     None => return Ok(Summary::default()),
