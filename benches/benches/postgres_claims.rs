@@ -32,18 +32,13 @@ fn record(n: u64) -> IssueRecord {
 
 fn begin(record: &mut IssueRecord) {
     let number = record.next_attempt_number();
-    record.attempts.push(Attempt {
+    let run_id = format!("{}-{number}", record.key().number);
+    record.attempts.push(Attempt::started(
         number,
-        round: record.round,
-        run_id: format!("{}-{number}", record.key().number),
-        started_at: SystemTime::now(),
-        finished_at: None,
-        outcome: None,
-        exit_code: None,
-        signal: None,
-        log_path: None,
-        pr_url: None,
-    });
+        record.round,
+        run_id,
+        SystemTime::now(),
+    ));
     record.status = IssueStatus::Running;
 }
 

@@ -46,15 +46,20 @@ fn runner(running: Arc<Running>) -> FnRunner {
             running.runs.fetch_add(1, Ordering::SeqCst);
             tokio::task::yield_now().await;
             running.per_issue.lock().unwrap().remove(&n);
-            Ok(RunOutcome {
-                exit: ExitKind::Code(0),
-                pr_url: None,
-                log_path: None,
-                duration: Duration::ZERO,
-                retry_after: None,
-            })
+            Ok(ended(ExitKind::Code(0)))
         }
     })
+}
+
+/// A workflow's end with nothing else to tell.
+fn ended(exit: ExitKind) -> RunOutcome {
+    RunOutcome {
+        exit,
+        pr_url: None,
+        log_path: None,
+        duration: Duration::ZERO,
+        retry_after: None,
+    }
 }
 
 struct Daemon {
@@ -273,13 +278,7 @@ async fn a_leader_cut_off_from_the_database_stops_its_workflow_before_another_ru
                 started.notify_one();
                 cancel.cancelled().await;
                 events.lock().unwrap().push("a stopped");
-                Ok(RunOutcome {
-                    exit: ExitKind::Cancelled,
-                    pr_url: None,
-                    log_path: None,
-                    duration: Duration::ZERO,
-                    retry_after: None,
-                })
+                Ok(ended(ExitKind::Cancelled))
             }
         })
     };
@@ -289,13 +288,7 @@ async fn a_leader_cut_off_from_the_database_stops_its_workflow_before_another_ru
             let events = Arc::clone(&events);
             async move {
                 events.lock().unwrap().push("b ran");
-                Ok(RunOutcome {
-                    exit: ExitKind::Code(0),
-                    pr_url: None,
-                    log_path: None,
-                    duration: Duration::ZERO,
-                    retry_after: None,
-                })
+                Ok(ended(ExitKind::Code(0)))
             }
         })
     };

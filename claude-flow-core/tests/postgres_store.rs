@@ -26,22 +26,17 @@ fn record(n: u64) -> IssueRecord {
 /// What the engine does to a claimed record: a new running attempt.
 fn begin(record: &mut IssueRecord) {
     let number = record.next_attempt_number();
-    record.attempts.push(Attempt {
+    let run_id = format!(
+        "{}-{number}-{:08x}",
+        record.key().number,
+        rand::random::<u32>()
+    );
+    record.attempts.push(Attempt::started(
         number,
-        round: record.round,
-        run_id: format!(
-            "{}-{number}-{:08x}",
-            record.key().number,
-            rand::random::<u32>()
-        ),
-        started_at: SystemTime::now(),
-        finished_at: None,
-        outcome: None,
-        exit_code: None,
-        signal: None,
-        log_path: None,
-        pr_url: None,
-    });
+        record.round,
+        run_id,
+        SystemTime::now(),
+    ));
     record.status = IssueStatus::Running;
 }
 
