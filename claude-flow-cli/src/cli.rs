@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
-use claude_flow_core::service_unit;
+use claude_flow_core::{IssueStatus, service_unit};
 
 /// Turn labeled issues into pull requests: run, operate and inspect claude-flow.
 #[derive(Debug, Parser)]
@@ -17,10 +18,6 @@ pub struct Cli {
         default_value = claude_flow_core::config::DEFAULT_CONFIG_PATH
     )]
     pub config: PathBuf,
-
-    /// Print JSON instead of text (read commands).
-    #[arg(long, global = true)]
-    pub json: bool,
 
     #[command(subcommand)]
     pub command: Command,
@@ -38,13 +35,21 @@ pub enum Command {
     /// Summarize the state: the service, a quota pause, running attempts, issue counts.
     ///
     /// With a running service, its own view (`GET /healthz`); else the
-    /// state directory's. `--json` has `paused_until`, `pause_reason` and
-    /// `running` (issue, round, attempt, started_at) at the top level.
-    Status,
-    /// List every known issue: status, round and the round's attempts.
-    List,
-    /// Show one issue with all its attempts, by round.
-    Show(IssueArg),
+    /// state directory's. `--json` has `paused_until`, `pause_reason`,
+    /// `running` (issue, round, attempt, started_at, elapsed_seconds) and
+    /// `last_poll` at the top level.
+    Status(JsonArg),
+    /// List the known issues: status, round, the round's attempts, when the
+    /// running attempt started and when the next retry is due.
+    List(ListArgs),
+    /// Show one issue with all its attempts, by round, and the last lines of
+    /// each failed attempt's log.
+    Show {
+        #[command(flatten)]
+        issue: IssueArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Print an issue's workflow log (the latest attempt by default).
     Logs {
         #[command(flatten)]
@@ -60,10 +65,19 @@ pub enum Command {
         /// Keep printing while the attempt runs.
         #[arg(long, short)]
         follow: bool,
+        /// Only the last N lines (then, with --follow, what follows).
+        #[arg(long, short = 'n', value_name = "N")]
+        tail: Option<usize>,
     },
     /// Queue an issue again: a new round for a settled issue.
     Retry(IssueArg),
-    /// Stop an issue from being started again until it is retried or re-triggered.
+    /// Cancel an issue: it is not started again until it is retried or its
+    /// trigger is applied again.
+    ///
+    /// A running workflow is killed: its process group gets SIGTERM, then
+    /// SIGKILL once workflow.kill_grace has passed, and the issue settles as
+    /// cancelled. With a running service this goes through its HTTP API
+    /// (which needs the API token), else to the state directory.
     Cancel(IssueArg),
     /// End a quota pause now, so that workflows start again.
     ///
@@ -71,6 +85,20 @@ pub enum Command {
     /// clears the pause in the state directory. Prints the pause it lifted,
     /// or `not paused`.
     Resume,
+    /// Remove the workspaces and logs of issues settled longer ago than
+    /// service.retention, and say what that freed.
+    ///
+    /// The service does this by itself, at start and every hour; records
+    /// stay (`show` says when the files went). Asks the running service
+    /// (`POST /api/prune`) when one runs, else works in the state
+    /// directory. Never touches a running or waiting issue's files.
+    Prune {
+        /// Say what would be freed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Check or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -85,6 +113,36 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `--json`, on the commands that honour it (the read commands and
+/// `prune`).
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `list` options.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only issues with this status (several: comma-separated or repeated).
+    #[arg(long, value_name = "S", value_delimiter = ',', value_parser = status_parser())]
+    pub status: Vec<IssueStatus>,
+    /// The triggers the service ignored instead, with the reason (e.g. a
+    /// label applied by someone without write permission).
+    #[arg(long, conflicts_with = "status")]
+    pub skipped: bool,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+/// `list --status`: one of [`IssueStatus::ALL`], by name; anything else
+/// is a usage error listing them.
+fn status_parser() -> impl TypedValueParser<Value = IssueStatus> {
+    clap::builder::PossibleValuesParser::new(IssueStatus::ALL.map(IssueStatus::as_str))
+        .try_map(|s| s.parse::<IssueStatus>())
 }
 
 /// An issue argument.
@@ -161,6 +219,11 @@ pub struct InstallArgs {
     /// configuration's service.state_dir is used.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Install even when the service could not use some of its paths
+    /// (under /home or /tmp, which the unit hides, or not readable or
+    /// writable by its user); they are listed as warnings.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[cfg(test)]

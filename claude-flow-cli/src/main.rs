@@ -2,9 +2,12 @@
 
 mod cli;
 mod commands;
+mod out;
+mod prune;
 mod service;
 mod store;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -27,7 +30,10 @@ fn main() -> ExitCode {
     match runtime.block_on(commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("claude-flow: {e}");
+            if !e.is_quiet() {
+                // Not eprintln!, which panics when stderr is a closed pipe.
+                let _ = writeln!(std::io::stderr(), "claude-flow: {e}");
+            }
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
     }

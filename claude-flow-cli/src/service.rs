@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use claude_flow_core::Config;
 use claude_flow_core::api::{ApiClient, Health};
 use claude_flow_core::service_unit::{
-    self, InstallOptions, ServiceError, Step, Systemd, UNIT_NAME, UnitState, Verb,
+    self, InstallOptions, Step, Systemd, UNIT_NAME, UnitState, Verb,
 };
 
 use crate::cli::{ServiceCommand, SystemdArgs};
 use crate::commands::Failure;
+use crate::out::outln;
 
 /// Runs a `service` subcommand. Its work is blocking (files and
 /// `systemctl`), so it runs off the async runtime.
@@ -22,9 +23,9 @@ pub async fn run(config: PathBuf, command: ServiceCommand) -> Result<(), Failure
         .map_err(|e| Failure::other(format!("the service command failed: {e}")))?;
     // Under systemd's view, the daemon's own.
     if asks_status && let Some(health) = daemon_health(&config).await {
-        println!();
-        println!("claude-flow-daemon says:");
-        crate::commands::print_health(&health);
+        outln!()?;
+        outln!("claude-flow-daemon says:")?;
+        crate::commands::print_health(&health)?;
     }
     result
 }
@@ -45,6 +46,7 @@ fn run_blocking(config: &Path, command: ServiceCommand) -> Result<(), Failure> {
                     unit_dir: args.unit_dir,
                     user: args.user,
                     state_dir: args.state_dir,
+                    force: args.force,
                 },
             )?;
             carry_out(&steps, args.systemd.dry_run)
@@ -62,29 +64,29 @@ fn run_blocking(config: &Path, command: ServiceCommand) -> Result<(), Failure> {
 
 /// systemd's `systemctl`, or an error saying this machine lacks systemd.
 /// A dry run only warns, so a plan can be previewed anywhere.
-fn detect(args: &SystemdArgs) -> Result<Systemd, ServiceError> {
+fn detect(args: &SystemdArgs) -> Result<Systemd, Failure> {
     match Systemd::detect(std::env::var_os("PATH"), &args.systemd_run_dir) {
         Err(e) if args.dry_run => {
-            println!("note: {e}");
+            outln!("note: {e}")?;
             Ok(Systemd::assumed())
         }
-        other => other,
+        other => Ok(other?),
     }
 }
 
 fn carry_out(steps: &[Step], dry_run: bool) -> Result<(), Failure> {
     for step in steps {
         match step {
-            Step::Note(note) => println!("{note}"),
+            Step::Note(note) => outln!("{note}")?,
             Step::WriteFile { contents, .. } if dry_run => {
-                println!("would {step}:");
+                outln!("would {step}:")?;
                 for line in contents.lines() {
-                    println!("    {line}");
+                    outln!("    {line}")?;
                 }
             }
-            _ if dry_run => println!("would {step}"),
+            _ if dry_run => outln!("would {step}")?,
             _ => {
-                println!("{step}");
+                outln!("{step}")?;
                 step.run()?;
             }
         }
@@ -99,11 +101,10 @@ fn control(args: &SystemdArgs, verb: Verb) -> Result<(), Failure> {
 fn status(args: &SystemdArgs) -> Result<(), Failure> {
     let systemd = detect(args)?;
     if args.dry_run {
-        println!(
+        return outln!(
             "would run {} status --no-pager {UNIT_NAME}",
             systemd.systemctl.display()
         );
-        return Ok(());
     }
     let state = service_unit::status(&systemd)?;
     match state {

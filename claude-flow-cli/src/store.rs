@@ -6,6 +6,7 @@ use claude_flow_core::state::PostgresStore;
 use claude_flow_core::{Config, Error, FileStore, StateStore};
 
 use crate::commands::Failure;
+use crate::out::outln;
 
 /// `store` subcommands.
 #[derive(Debug, Clone, Subcommand)]
@@ -38,12 +39,11 @@ pub async fn run(config: &Config, command: StoreCommand) -> Result<(), Failure> 
             let migrated = PostgresStore::migrate(&url).await?;
             match migrated.from {
                 Some(from) if from == migrated.to => {
-                    println!("the schema is up to date (version {from})");
+                    outln!("the schema is up to date (version {from})")
                 }
-                Some(from) => println!("schema upgraded from version {from} to {}", migrated.to),
-                None => println!("schema created (version {})", migrated.to),
+                Some(from) => outln!("schema upgraded from version {from} to {}", migrated.to),
+                None => outln!("schema created (version {})", migrated.to),
             }
-            Ok(())
         }
         StoreCommand::Copy {
             to: Target::Postgres,
@@ -58,12 +58,11 @@ pub async fn run(config: &Config, command: StoreCommand) -> Result<(), Failure> 
             let into = PostgresStore::connect(&url, settings).await?;
             let copied = into.import(&records, &service).await?;
             into.close().await;
-            println!(
+            outln!(
                 "copied {copied} issue records from {} into the database; set store.kind to \
                  \"postgres\" to use it",
                 config.service.state_dir.display()
-            );
-            Ok(())
+            )
         }
     }
 }

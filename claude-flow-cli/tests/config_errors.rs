@@ -212,3 +212,61 @@ fn config_check_reads_the_api_token_file_and_config_show_hides_the_token() {
     assert!(!shown.contains("s3cr3t-api-t0ken"), "{shown}");
     assert!(shown.contains(r#""api_token": "[redacted]""#), "{shown}");
 }
+
+#[test]
+fn a_state_directory_that_cannot_be_created_names_the_key() {
+    let f = Fixture::new();
+    f.workflow("echo hi");
+    std::fs::write(f.path("afile"), "not a directory").unwrap();
+    f.config(json!({"service": {"state_dir": "afile/state"}}));
+    assert_78(&f, "service.state_dir: ");
+    f.cli()
+        .args(["config", "check"])
+        .assert()
+        .code(78)
+        .stderr(contains(format!(
+            "{} is a file, not a directory",
+            f.path("afile").display()
+        )));
+    // The same for the directories the service writes beside it.
+    f.config(json!({"service": {"log_dir": "afile/logs"}}));
+    assert_78(&f, "service.log_dir: ");
+    f.config(json!({"service": {"workspace_dir": "afile"}}));
+    assert_78(&f, "service.workspace_dir: ");
+}
+
+#[test]
+fn a_directory_the_user_cannot_write_names_the_key_and_the_fix() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let f = Fixture::new();
+    f.workflow("echo hi");
+    std::fs::create_dir(f.path("open")).unwrap();
+    std::fs::create_dir(f.path("closed")).unwrap();
+    std::fs::set_permissions(f.path("open"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(f.path("closed"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    f.config(json!({"service": {"state_dir": "open/state", "log_dir": "closed/logs"}}));
+    let as_root = std::fs::metadata(f.path("config.json")).unwrap().uid() == 0;
+    if as_root {
+        // Root writes anywhere: the check is seen by the user it guards.
+        for (rel, mode) in [("", 0o755), ("config.json", 0o644), ("issues", 0o755)] {
+            std::fs::set_permissions(f.path(rel), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+    }
+    for args in [["config", "check"].as_slice(), ["run", "--once"].as_slice()] {
+        let mut cmd = f.cli_process(args);
+        if as_root {
+            cmd.uid(65534).gid(65534);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("service.log_dir: ")
+                && stderr.contains(&f.path("closed").display().to_string())
+                && stderr.contains("not writable"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!f.path("closed/logs").exists());
+}

@@ -35,6 +35,12 @@ async fn answer(server: &MockServer, verb: &str, at: &str, status: u16, body: Va
 /// A fake GitHub on which issue 7 of acme/widgets carries the trigger,
 /// applied by a maintainer with write permission.
 async fn fake_github() -> MockServer {
+    fake_github_labeled_by("alice-maintainer", "write").await
+}
+
+/// The same, with the trigger applied by `login`, whose permission on the
+/// repository is `permission`.
+async fn fake_github_labeled_by(login: &str, permission: &str) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(any())
         .respond_with(ResponseTemplate::new(500).set_body_string("unexpected request"))
@@ -53,7 +59,11 @@ async fn fake_github() -> MockServer {
     issue["labels"] = json!([label]);
     let mut timeline = fixture("timeline.json");
     let last = timeline.as_array_mut().unwrap().last_mut().unwrap();
-    last["actor"]["login"] = json!("alice-maintainer");
+    last["actor"]["login"] = json!(login);
+    let mut collaborator = fixture("collaborator-permission.json");
+    collaborator["permission"] = json!(permission);
+    collaborator["role_name"] = json!(permission);
+    collaborator["user"]["login"] = json!(login);
     answer(&server, "GET", "/user", 200, fixture("user.json")).await;
     answer(
         &server,
@@ -74,9 +84,9 @@ async fn fake_github() -> MockServer {
     answer(
         &server,
         "GET",
-        &format!("{REPO}/collaborators/alice-maintainer/permission"),
+        &format!("{REPO}/collaborators/{login}/permission"),
         200,
-        fixture("collaborator-permission.json"),
+        collaborator,
     )
     .await;
     answer(
@@ -339,4 +349,52 @@ exit 1"#,
         leaks.push("a configuration error".into());
     }
     assert!(leaks.is_empty(), "the token leaked into: {leaks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_from_someone_without_write_permission_is_listed_as_skipped() {
+    let server = fake_github_labeled_by("mallory", "read").await;
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let f = Fixture::new();
+    f.config(json!({
+        "source": "github",
+        "github": {"api_url": server.uri(), "repos": ["acme/widgets"], "token": TOKEN},
+        "workflow": {"pass_token": false},
+        "service": {"listen": listen}
+    }));
+    f.workflow("echo never run");
+    let daemon = common::start_service(&f).await;
+    let mut status = daemon.orchestrator().subscribe_status();
+    tokio::time::timeout(common::PATIENCE, status.wait_for(|s| !s.skipped.is_empty()))
+        .await
+        .expect("the skipped trigger")
+        .unwrap();
+    let reason = "the label was applied by mallory, whose permission is read (write required)";
+
+    // The API, while the service runs.
+    let skipped = claude_flow_core::api::ApiClient::for_listen(&listen)
+        .unwrap()
+        .skipped()
+        .await
+        .unwrap();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].issue.to_string(), "acme/widgets#7");
+    assert_eq!(skipped[0].reason, reason);
+
+    // The CLI, while the service runs and after it stopped.
+    // The service runs on this runtime: the CLI is waited for beside it.
+    let list = |args: &[&str]| tokio::task::block_in_place(|| f.stdout(args));
+    let text = list(&["list", "--skipped"]);
+    assert!(text.contains("acme/widgets#7"), "{text}");
+    assert!(text.contains("Make the widget spin"), "{text}");
+    assert!(text.contains(reason), "{text}");
+    daemon.shutdown();
+    daemon.wait().await.unwrap();
+    let json: Value = serde_json::from_str(&list(&["list", "--skipped", "--json"])).unwrap();
+    assert_eq!(
+        json,
+        json!([{"issue": "acme/widgets#7", "title": "Make the widget spin", "reason": reason}])
+    );
+    // The issue list itself has none: nothing was started.
+    assert_eq!(list(&["list"]).trim(), "no issues yet");
 }

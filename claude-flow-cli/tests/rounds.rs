@@ -14,13 +14,7 @@ const SECOND_TIME_LUCKY: &str = r#"echo "round $CLAUDE_FLOW_ROUND attempt $CLAUD
 echo ok"#;
 
 fn stdout(f: &Fixture, args: &[&str]) -> String {
-    let out = f.cli().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "claude-flow {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    f.stdout(args)
 }
 
 /// Issue 1 after two rounds of two attempts each.
@@ -71,6 +65,8 @@ fn list_show_and_logs_number_attempts_within_their_round() {
     let attempts: Vec<String> = shown
         .lines()
         .skip_while(|l| !l.starts_with("round "))
+        // A failed attempt's log lines are quoted under it, indented.
+        .filter(|l| !l.starts_with("    "))
         .map(|l| {
             let words: Vec<_> = l.split_whitespace().collect();
             match words[..] {
@@ -150,13 +146,7 @@ echo "last line""#,
         .unwrap();
     let mut out = follow.stdout.take().unwrap();
     let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("round 2") {
-        use std::io::Read;
-        let n = out.read(&mut buf).unwrap();
-        assert!(n > 0, "logs --follow ended early");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    common::read_until(&mut out, &mut seen, "round 2");
     std::fs::write(f.path("gate"), "").unwrap();
     assert!(service.wait().unwrap().success());
     {

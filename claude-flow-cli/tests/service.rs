@@ -70,8 +70,14 @@ impl Machine {
             .arg("service")
             .arg(args[0])
             .arg("--systemd-run-dir")
-            .arg(self.fx.path("run-systemd"))
-            .args(&args[1..]);
+            .arg(self.fx.path("run-systemd"));
+        if args[0] == "install" {
+            // The fixture lives under /tmp, which the unit hides: these
+            // tests are about other things (see
+            // `install_refuses_paths_the_service_could_not_use`).
+            cmd.arg("--force");
+        }
+        cmd.args(&args[1..]);
         cmd
     }
 
@@ -171,7 +177,14 @@ fn install_finds_the_daemon_beside_claude_flow() {
         .env("PATH", m.fx.path("bin"))
         .arg("--config")
         .arg(m.fx.config_path())
-        .args(["service", "install", "--user", &whoami(), "--unit-dir"])
+        .args([
+            "service",
+            "install",
+            "--force",
+            "--user",
+            &whoami(),
+            "--unit-dir",
+        ])
         .arg(m.unit_dir())
         .arg("--systemd-run-dir")
         .arg(m.fx.path("run-systemd"))
@@ -458,4 +471,52 @@ fn status_adds_the_running_daemons_own_view() {
         .stdout(predicate::str::contains("health:  ok"));
     handle.shutdown();
     rt.block_on(handle.wait()).unwrap();
+}
+
+#[test]
+fn install_refuses_paths_the_service_could_not_use() {
+    let m = Machine::new();
+    let me = whoami();
+    m.fx.config(serde_json::json!({
+        "github": {"token_file": "/root/claude-flow-test-token"},
+    }));
+    let mut cmd = assert_cmd::Command::cargo_bin("claude-flow").unwrap();
+    cmd.env_remove("CLAUDE_FLOW_CONFIG")
+        .env("PATH", m.fx.path("bin"))
+        .arg("--config")
+        .arg(m.fx.config_path())
+        .args(["service", "install", "--systemd-run-dir"])
+        .arg(m.fx.path("run-systemd"))
+        .arg("--unit-dir")
+        .arg(m.unit_dir())
+        .arg("--daemon")
+        .arg(m.fake_daemon())
+        .args(["--user", &me]);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Every path, each with the setting that hides it.
+    for expected in [
+        format!(
+            "the configuration file {} is under /tmp, which the unit replaces with an empty private one (PrivateTmp=yes)",
+            m.fx.config_path().display()
+        ),
+        format!("service.state_dir {} is under /tmp", m.fx.path("state").display()),
+        format!("local.dir {} is under /tmp", m.fx.path("issues").display()),
+        format!("workflow.command {} is under /tmp", m.fx.path("wf.sh").display()),
+        "github.token_file /root/claude-flow-test-token is under /root, which the unit hides (ProtectHome=yes)".to_owned(),
+        "pass --force to install anyway".to_owned(),
+    ] {
+        assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+    }
+    assert!(!m.unit_dir().join("claude-flow.service").exists());
+    assert!(!m.fx.path("state").exists(), "nothing is created");
+    assert!(m.calls().is_empty());
+
+    // --force installs, and still says what will not work.
+    cmd.arg("--force")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("warning: service.state_dir"));
+    assert!(m.unit_dir().join("claude-flow.service").exists());
 }

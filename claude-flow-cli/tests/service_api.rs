@@ -204,12 +204,24 @@ async fn status_adds_the_running_services_view() {
         status["pause_reason"],
         "the workflow for local/issues#2 reported its quota exhausted"
     );
+    let mut running = status["running"].clone();
+    // How long it has run, beside the CONTRACT's fields: it grows with
+    // the clock, so only its presence is checked.
+    let elapsed = running[0]
+        .as_object_mut()
+        .unwrap()
+        .remove("elapsed_seconds");
+    assert!(elapsed.is_some_and(|e| e.is_u64()), "{status}");
     assert_eq!(
-        status["running"],
+        running,
         json!([{
             "issue": "local/issues#1", "round": 2, "attempt": 3,
             "started_at": "2026-11-21T09:58:00Z",
         }])
+    );
+    assert_eq!(
+        status["last_poll"],
+        json!({"at": "2026-11-21T10:00:00Z", "ok": true, "error": null, "ready": 1})
     );
 }
 

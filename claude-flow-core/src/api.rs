@@ -5,8 +5,11 @@
 //!
 //! Endpoints (CONTRACT section 6): `GET /healthz` ([`Health`], 200 or 503),
 //! `GET /metrics`, `GET /api/issues` (a list of [`IssueSummary`]),
+//! `GET /api/skipped` (the triggers the service ignored, a list of
+//! [`SkippedTrigger`]),
 //! `POST /api/issues/<owner>/<repo>/<n>/retry|cancel` (an [`IssueSummary`]),
-//! `POST /api/resume` ([`Resumed`]), `POST /webhook`. Errors come as
+//! `POST /api/resume` ([`Resumed`]), `POST /api/prune[?dry_run=true]`
+//! ([`PruneReport`]), `POST /webhook`. Errors come as
 //! [`ErrorBody`]. The `POST`s need the API's [`token`].
 
 pub mod token;
@@ -18,8 +21,10 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::issue::IssueKey;
+use crate::issue_source::SkippedTrigger;
 use crate::orchestrator::{PollResult, RunningAttempt};
 use crate::record::IssueSummary;
+use crate::retention::PruneReport;
 use crate::secret::Secret;
 
 /// `GET /healthz`: whether the service is healthy, and what it is doing.
@@ -198,6 +203,10 @@ impl ApiClient {
             // The service is local or on the operator's network: a proxy
             // from the environment would only be in the way.
             .no_proxy()
+            // Plain http on loopback or the operator's network: loading the
+            // platform's CA roots would only make a host without them
+            // (a minimal image) unable to reach its own service.
+            .tls_certs_only(Vec::new())
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()
@@ -242,6 +251,14 @@ impl ApiClient {
         expect_success(response, &url).await
     }
 
+    /// `GET /api/skipped`: the triggers the service's last successful poll
+    /// ignored, with the reason.
+    pub async fn skipped(&self) -> Result<Vec<SkippedTrigger>, ApiError> {
+        let url = self.url(&["api", "skipped"]);
+        let response = self.send(self.http.get(url.clone()), &url).await?;
+        expect_success(response, &url).await
+    }
+
     /// `POST /api/issues/<owner>/<repo>/<n>/retry`.
     pub async fn retry(&self, key: &IssueKey) -> Result<IssueSummary, ApiError> {
         self.issue_command(key, "retry").await
@@ -255,6 +272,18 @@ impl ApiClient {
     /// `POST /api/resume`: ends the service's quota pause, if it has one.
     pub async fn resume(&self) -> Result<Resumed, ApiError> {
         let url = self.url(&["api", "resume"]);
+        let response = self.send(self.post(&url), &url).await?;
+        expect_success(response, &url).await
+    }
+
+    /// `POST /api/prune`: removes the files of issues settled longer ago
+    /// than the service's `service.retention`; `dry_run` only says what
+    /// that would free.
+    pub async fn prune(&self, dry_run: bool) -> Result<PruneReport, ApiError> {
+        let mut url = self.url(&["api", "prune"]);
+        if dry_run {
+            url.set_query(Some("dry_run=true"));
+        }
         let response = self.send(self.post(&url), &url).await?;
         expect_success(response, &url).await
     }

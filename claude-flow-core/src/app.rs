@@ -109,6 +109,7 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn StateStore>, Error> {
 pub fn orchestrator(config: &Config) -> Result<(Orchestrator, Arc<dyn StateStore>), Error> {
     let source = issue_source(config)?;
     let runner = Arc::new(SubprocessRunner::new(subprocess_settings(config)?));
+    crate::service_dirs::prepare_directories(&config.service)?;
     let store = open_store(config)?;
     let orchestrator = Orchestrator::builder()
         .source(source)

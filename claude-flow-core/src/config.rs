@@ -225,6 +225,10 @@ pub struct ServiceConfig {
     /// which an attempt fails its round instead of running again.
     #[serde(deserialize_with = "lenient::u32")]
     pub max_interruptions: u32,
+    /// Workspaces and logs of issues settled longer ago than this are
+    /// removed (their records stay); `None` (JSON `null`) keeps everything.
+    #[serde(with = "optional_duration")]
+    pub retention: Option<Duration>,
     /// The HTTP API's token for its operator endpoints; see also
     /// `api_token_file`. Without either, the daemon makes one at start.
     pub api_token: Option<Secret>,
@@ -251,6 +255,7 @@ impl Default for ServiceConfig {
             shutdown_grace: Duration::from_secs(30),
             max_pause: Duration::from_secs(6 * 3600),
             max_interruptions: 3,
+            retention: Some(Duration::from_secs(30 * 86_400)),
             api_token: None,
             api_token_file: None,
             node: host_name(),
@@ -590,6 +595,13 @@ impl Config {
                 return Err(ConfigError::key(key, "must be longer than 0s"));
             }
         }
+        if self.service.retention.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::key(
+                "service.retention",
+                "must be longer than 0s, which would remove a workspace as its issue settles \
+                 (null keeps everything)",
+            ));
+        }
         for (key, value) in [
             ("service.max_concurrent", self.service.max_concurrent),
             ("service.max_attempts", self.service.max_attempts),
@@ -853,6 +865,37 @@ mod duration {
         })?;
         humantime::parse_duration(&text)
             .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?} ({e})")))
+    }
+}
+
+/// A duration that may be `null` (JSON, or the string `null` from an
+/// environment override): "never".
+mod optional_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use serde_json::Value;
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.collect_str(&humantime::format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(None),
+            Value::String(text) if text.trim() == "null" => Ok(None),
+            Value::String(text) => humantime::parse_duration(text.trim())
+                .map(Some)
+                .map_err(|e| D::Error::custom(format!("invalid duration {text:?} ({e})"))),
+            other => Err(D::Error::custom(format!(
+                "expected a duration such as \"30d\", or null, got {other}"
+            ))),
+        }
     }
 }
 
@@ -1136,6 +1179,58 @@ mod tests {
         for addr in ["127.0.0.1:8787", "127.0.0.2:1", "[::1]:8787", ""] {
             assert!(listen(addr, &[]).is_ok(), "{addr}");
         }
+    }
+
+    #[test]
+    fn retention_defaults_to_30_days_and_null_keeps_everything() {
+        let days = |d: u64| Some(Duration::from_secs(d * 86_400));
+        assert_eq!(parse(MINIMAL, &[]).unwrap().service.retention, days(30));
+        let with = |value: &str| {
+            MINIMAL.replace(
+                "\"workflow\"",
+                &format!("\"service\": {{\"retention\": {value}}}, \"workflow\""),
+            )
+        };
+        assert_eq!(
+            parse(&with("\"7d\""), &[]).unwrap().service.retention,
+            days(7)
+        );
+        let kept = parse(&with("null"), &[]).unwrap();
+        assert_eq!(kept.service.retention, None);
+        assert!(kept.to_redacted_json()["service"]["retention"].is_null());
+        assert_eq!(
+            parse(MINIMAL, &[("CLAUDE_FLOW_SERVICE__RETENTION", "null")])
+                .unwrap()
+                .service
+                .retention,
+            None
+        );
+        assert_eq!(
+            parse(MINIMAL, &[("CLAUDE_FLOW_SERVICE__RETENTION", "12h")])
+                .unwrap()
+                .service
+                .retention,
+            Some(Duration::from_secs(12 * 3600))
+        );
+        let shown = parse(&with("\"7d\""), &[]).unwrap().to_redacted_json();
+        assert_eq!(shown["service"]["retention"], "7days");
+
+        let e = err(&with("\"a month\""), &[]);
+        assert!(
+            e.starts_with("service.retention: invalid duration \"a month\""),
+            "{e}"
+        );
+        let e = err(&with("30"), &[]);
+        assert!(e.starts_with("service.retention: "), "{e}");
+        assert!(e.contains("null"), "{e}");
+        let e = err(&with("\"0s\""), &[]);
+        assert!(e.starts_with("service.retention: "), "{e}");
+        assert!(e.contains("null keeps everything"), "{e}");
+        let e = err(MINIMAL, &[("CLAUDE_FLOW_SERVICE__RETENTION", "soon")]);
+        assert!(
+            e.starts_with("service.retention (from CLAUDE_FLOW_SERVICE__RETENTION): "),
+            "{e}"
+        );
     }
 
     #[test]

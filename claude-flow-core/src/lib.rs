@@ -11,10 +11,14 @@ pub mod logging;
 pub mod ops;
 mod orchestrator;
 mod record;
+pub mod retention;
 pub mod runner;
 mod secret;
+pub mod service_dirs;
 pub mod service_unit;
 pub mod signals;
+#[cfg(test)]
+mod small_fs;
 pub mod state;
 
 pub use config::Config;

@@ -30,6 +30,16 @@ pub enum IssueStatus {
 }
 
 impl IssueStatus {
+    /// Every status, in the order of an issue's life.
+    pub const ALL: [Self; 6] = [
+        Self::Queued,
+        Self::Running,
+        Self::Retrying,
+        Self::Done,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
     /// Done, failed or cancelled: nothing more happens until a new round.
     pub fn is_settled(self) -> bool {
         matches!(self, Self::Done | Self::Failed | Self::Cancelled)
@@ -45,6 +55,21 @@ impl IssueStatus {
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
         }
+    }
+}
+
+impl std::str::FromStr for IssueStatus {
+    type Err = String;
+
+    /// The name [`as_str`](IssueStatus::as_str) gives.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|s| s.as_str()).collect();
+                format!("unknown status {s:?}; one of: {}", names.join(", "))
+            })
     }
 }
 
@@ -265,6 +290,14 @@ pub struct IssueRecord {
     /// Last change.
     #[serde(with = "humantime_serde")]
     pub updated_at: SystemTime,
+    /// When retention (`service.retention`, `claude-flow prune`) removed
+    /// this settled round's workspace and logs; cleared by a new round.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pruned_at: Option<SystemTime>,
 }
 
 impl IssueRecord {
@@ -281,6 +314,7 @@ impl IssueRecord {
             last_error: None,
             reports: Reports::default(),
             updated_at: SystemTime::now(),
+            pruned_at: None,
         }
     }
 
@@ -396,6 +430,7 @@ impl IssueRecord {
         self.last_error = None;
         self.reports = Reports::default();
         self.updated_at = SystemTime::now();
+        self.pruned_at = None;
     }
 }
 
@@ -422,6 +457,10 @@ pub struct IssueSummary {
     /// When the next attempt may start, RFC 3339 to the second.
     #[serde(with = "rfc3339_seconds::option")]
     pub next_retry_at: Option<SystemTime>,
+    /// When the running attempt started, RFC 3339 to the second; `null`
+    /// when none runs.
+    #[serde(default, with = "rfc3339_seconds::option")]
+    pub started_at: Option<SystemTime>,
     /// The last failure, in words.
     pub last_error: Option<String>,
     /// Last change, RFC 3339 to the second.
@@ -442,6 +481,7 @@ impl IssueRecord {
             attempts: self.attempts_this_round().count(),
             pr_url: self.pr_url.clone(),
             next_retry_at: self.next_retry_at,
+            started_at: self.running_attempt().map(|a| a.started_at),
             last_error: self.last_error.clone(),
             updated_at: self.updated_at,
         }
@@ -492,6 +532,20 @@ mod rfc3339_seconds {
 mod tests {
     use super::*;
     use crate::issue::IssueKey;
+
+    #[test]
+    fn statuses_parse_from_the_names_they_print_and_nothing_else() {
+        for status in IssueStatus::ALL {
+            assert_eq!(status.as_str().parse::<IssueStatus>(), Ok(status));
+            let json = serde_json::to_value(status).unwrap();
+            assert_eq!(json, status.as_str());
+        }
+        let err = "Done".parse::<IssueStatus>().unwrap_err();
+        assert!(
+            err.contains("queued, running, retrying, done, failed, cancelled"),
+            "{err}"
+        );
+    }
 
     fn attempt(round: u32, number: u32, outcome: AttemptOutcome) -> Attempt {
         Attempt {

@@ -21,6 +21,8 @@ use std::process::ExitStatus;
 use crate::config::Config;
 use crate::error::ConfigError;
 
+mod paths;
+
 /// The unit's file name.
 pub const UNIT_NAME: &str = "claude-flow.service";
 /// Where units written by an administrator go.
@@ -476,6 +478,9 @@ pub struct InstallOptions {
     /// The state directory when the configuration file does not exist yet
     /// (when it exists, its `service.state_dir` is used).
     pub state_dir: Option<PathBuf>,
+    /// Install even when the service could not use some of its paths
+    /// (they are then listed as warnings).
+    pub force: bool,
 }
 
 /// The daemon's path when none is given: `claude-flow-daemon` beside the
@@ -611,24 +616,24 @@ pub fn install(systemd: &Systemd, options: &InstallOptions) -> Result<Vec<Step>,
             });
         }
     }
-    if let Some(c) = &config {
-        for (key, path) in [
-            ("local.dir", c.local.dir.clone()),
-            ("github.token_file", c.github.token_file.clone()),
-            (
-                "workflow.command",
-                c.workflow.command.first().map(PathBuf::from),
-            ),
-        ] {
-            if let Some(path) = path.filter(|p| is_hidden_by_protect_home(p)) {
-                steps.push(Step::Note(format!(
-                    "warning: {key} {} is under a home directory, which the unit hides \
-                     (ProtectHome=yes); move it, or edit the unit",
-                    path.display()
-                )));
-            }
-        }
+    let mut uses = paths::path_uses(&config_path, config.as_ref());
+    if config.is_none() {
+        // Not written yet: what install creates must still be reachable.
+        uses.extend(paths::path_uses(&state_dir, None));
     }
+    let problems = paths::problems(&uses, &paths::Account::lookup(&options.user));
+    if !problems.is_empty() && !options.force {
+        return Err(ServiceError::Invalid(format!(
+            "the service could not use these paths under its unit's hardening or as user {}:\n  - {}\nfix them, or pass --force to install anyway",
+            options.user,
+            problems.join("\n  - ")
+        )));
+    }
+    steps.extend(
+        problems
+            .into_iter()
+            .map(|p| Step::Note(format!("warning: {p}"))),
+    );
 
     let settings = UnitSettings {
         daemon,
@@ -654,12 +659,6 @@ pub fn install(systemd: &Systemd, options: &InstallOptions) -> Result<Vec<Step>,
         )));
     }
     Ok(steps)
-}
-
-fn is_hidden_by_protect_home(path: &Path) -> bool {
-    ["/home", "/root", "/run/user"]
-        .iter()
-        .any(|home| path.starts_with(home))
 }
 
 /// Plans `service uninstall`: stop, disable, remove the unit,

@@ -952,3 +952,54 @@ async fn a_marker_with_an_exit_other_than_75_is_a_failure_not_a_pause() {
     assert_eq!(summary.failed, 1);
     assert_eq!(orchestrator.status().paused_until, None);
 }
+
+#[tokio::test]
+async fn workflows_hitting_one_quota_together_count_as_one_quota_exit() {
+    // Three workflows share the agent's quota: when it runs out, all three
+    // exit 75 together. That is one exhaustion, not three in a row: the
+    // pause is retry_backoff, not retry_backoff × 4.
+    let store = Arc::new(MemoryStore::new());
+    let started = Arc::new(tokio::sync::Barrier::new(3));
+    let s = Arc::clone(&started);
+    let runner = FnRunner::new(move |_job, _cancel| {
+        let s = Arc::clone(&s);
+        async move {
+            s.wait().await;
+            Ok(quota(SystemTime::UNIX_EPOCH))
+        }
+    });
+    let backoff = Duration::from_secs(600);
+    let orchestrator = build(
+        Arc::new(MemorySource::new([issue(1), issue(2), issue(3)])),
+        runner,
+        store.clone(),
+        Settings {
+            retry_backoff: backoff,
+            retry_backoff_max: Duration::from_secs(6000),
+            max_pause: Duration::from_secs(60_000),
+            ..settings()
+        },
+    );
+    let (shutdown, task) = run(&orchestrator);
+    for n in 1..=3 {
+        wait_record(&store, &key(n), "the quota exit recorded", |r| {
+            r.attempts
+                .iter()
+                .any(|a| matches!(a.outcome, Some(AttemptOutcome::QuotaExhausted { .. })))
+        })
+        .await;
+    }
+    let service = store.load_service().await.unwrap();
+    assert_eq!(service.quota_exits, 1, "{service:?}");
+    let left = service
+        .paused_until
+        .unwrap()
+        .duration_since(SystemTime::now())
+        .unwrap();
+    assert!(
+        left <= backoff,
+        "paused for {left:?}: more than one quota exit's {backoff:?}"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

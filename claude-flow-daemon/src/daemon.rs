@@ -120,7 +120,8 @@ impl Daemon {
                 .map_err(|e| Error::Other(e.to_string()))?;
             let store = Arc::clone(&self.store);
             let mut state = HttpState::new(Arc::clone(&self.orchestrator), store)
-                .with_webhook(WebhookConfig::from_config(config));
+                .with_webhook(WebhookConfig::from_config(config))
+                .with_log_dir(config.service.log_dir());
             if let Some(token) = &self.reloader.api_token {
                 state = state.with_api_token(token.clone());
             }
@@ -404,6 +405,7 @@ impl Reloader {
         };
         let runner = if new.workflow != self.current.workflow || new.service != self.current.service
         {
+            claude_flow_core::service_dirs::prepare_directories(&new.service)?;
             Some(Arc::new(SubprocessRunner::new(app::subprocess_settings(
                 &new,
             )?)))

@@ -1,5 +1,7 @@
 //! The service's HTTP side on `service.listen` (CONTRACT section 6).
 //!
+//! - `GET /` and the pages under it: the web console (see
+//!   the `console` module), read-only.
 //! - `GET /healthz`: 200 with what the service is doing ([`Health`]); 503
 //!   with the same body and a `reason` while it is stopping, after
 //!   [`FAILED_POLLS_UNHEALTHY`] polls failed in a row, or when no poll has
@@ -10,6 +12,8 @@
 //! - `GET /metrics`: Prometheus text, from the recorder [`install_metrics`]
 //!   puts in place (404 without one).
 //! - `GET /api/issues`: every record, as `claude-flow list --json` prints it.
+//! - `GET /api/skipped`: the triggers the last successful poll ignored,
+//!   with the reason, as `claude-flow list --skipped --json` prints them.
 //! - `POST /api/issues/{owner}/{repo}/{n}/retry` and `.../cancel`: the
 //!   orchestrator's [`retry`](Orchestrator::retry) and
 //!   [`cancel`](Orchestrator::cancel); 200 with the issue's summary, 404 for
@@ -19,6 +23,12 @@
 //!   which ends a quota pause; 200 with the pause that was lifted
 //!   ([`Resumed`](claude_flow_core::api::Resumed), `lifted_until` null when there was none), 503 when the
 //!   orchestrator is not running.
+//! - `POST /api/prune` (`?dry_run=true` to remove nothing): the
+//!   orchestrator's [`prune`](Orchestrator::prune), which removes the
+//!   workspaces and logs of issues settled longer ago than
+//!   `service.retention`; 200 with what it freed
+//!   ([`PruneReport`](claude_flow_core::retention::PruneReport)), 409 when
+//!   the retention is `null`, 503 when the orchestrator is not running.
 //! - `POST /webhook`: GitHub's webhook, when `github.webhook_secret` is set
 //!   (404 otherwise). The `X-Hub-Signature-256` HMAC is checked over the raw
 //!   body in constant time before anything else; a delivery without a
@@ -54,7 +64,7 @@
 //!   the API token ([`ApiToken`]), compared in constant time, else 401
 //!   with a body saying where the token is.
 //!
-//! Reads (`/healthz`, `/metrics`, `GET /api/issues`) need no token: a page
+//! Reads (the console, `/healthz`, `/metrics`, `GET /api/issues`) need no token: a page
 //! elsewhere cannot read their answers (no CORS headers are ever sent),
 //! and the `Host` check stops rebinding. Webhooks carry their own
 //! signature.
@@ -150,6 +160,8 @@ pub struct HttpState {
     webhook: Arc<RwLock<Option<Arc<WebhookConfig>>>>,
     api_token: Arc<RwLock<Option<Arc<ApiToken>>>>,
     metrics: Option<PrometheusHandle>,
+    /// `service.log_dir`: where the console finds a running attempt's log.
+    log_dir: Option<std::path::PathBuf>,
     /// Before the first poll, the health check counts from here.
     since: SystemTime,
 }
@@ -176,6 +188,7 @@ impl HttpState {
             webhook: Arc::default(),
             api_token: Arc::default(),
             metrics: None,
+            log_dir: None,
             since: SystemTime::now(),
         }
     }
@@ -215,6 +228,25 @@ impl HttpState {
     /// disables `POST /webhook`.
     pub fn set_webhook(&self, webhook: Option<WebhookConfig>) {
         *self.webhook.write().unwrap_or_else(|e| e.into_inner()) = webhook.map(Arc::new);
+    }
+
+    /// Where workflow logs go (`service.log_dir`), for the console to
+    /// follow a running attempt's log, whose record does not name it yet.
+    pub fn with_log_dir(mut self, log_dir: std::path::PathBuf) -> Self {
+        self.log_dir = Some(log_dir);
+        self
+    }
+
+    pub(crate) fn log_dir(&self) -> Option<&std::path::Path> {
+        self.log_dir.as_deref()
+    }
+
+    pub(crate) fn orchestrator(&self) -> &Arc<Orchestrator> {
+        &self.orchestrator
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
     }
 
     fn webhook(&self) -> Option<Arc<WebhookConfig>> {
@@ -309,13 +341,15 @@ pub async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToke
 
 /// The routes above, over `state`.
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    crate::console::routes()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/issues", get(list_issues))
+        .route("/api/skipped", get(list_skipped))
         .route("/api/issues/{owner}/{repo}/{number}/retry", post(retry))
         .route("/api/issues/{owner}/{repo}/{number}/cancel", post(cancel))
         .route("/api/resume", post(resume))
+        .route("/api/prune", post(prune))
         .route(
             "/webhook",
             post(webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
@@ -704,6 +738,12 @@ async fn list_issues(State(state): State<HttpState>) -> Response {
     }
 }
 
+/// The triggers the last successful poll ignored, as the orchestrator
+/// keeps them (and `claude-flow list --skipped --json` prints them).
+async fn list_skipped(State(state): State<HttpState>) -> Response {
+    axum::Json(state.orchestrator.status().skipped).into_response()
+}
+
 type IssuePath = Result<Path<(String, String, u64)>, PathRejection>;
 
 async fn retry(State(state): State<HttpState>, path: IssuePath) -> Response {
@@ -728,6 +768,24 @@ async fn resume(State(state): State<HttpState>) -> Response {
     tracing::info!("resume asked through the HTTP API");
     match state.orchestrator.resume().await {
         Ok(resumed) => axum::Json(resumed).into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+async fn prune(State(state): State<HttpState>, uri: axum::http::Uri) -> Response {
+    let dry_run = match uri.query().unwrap_or("") {
+        "" | "dry_run=false" => false,
+        "dry_run" | "dry_run=true" => true,
+        other => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                format!("unknown query {other:?}: the only one is dry_run=true"),
+            );
+        }
+    };
+    tracing::info!(dry_run, "prune asked through the HTTP API");
+    match state.orchestrator.prune(dry_run).await {
+        Ok(report) => axum::Json(report).into_response(),
         Err(e) => error_response(e),
     }
 }

@@ -16,6 +16,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod console;
 mod daemon;
 pub mod http;
 pub mod notify;

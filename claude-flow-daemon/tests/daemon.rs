@@ -60,9 +60,10 @@ fn setup_with(issues: u64, service: serde_json::Value) -> Setup {
     Setup { _dir: dir, root }
 }
 
+/// Whether issue `n`'s workflow has written its PID: the file exists,
+/// empty, a moment before that (`echo $$ > pid`).
 fn started(root: &Path, n: u64) -> bool {
-    root.join(format!("state/workspaces/local__issues/issue-{n}/pid"))
-        .exists()
+    workflow_pid_of(root, n).is_some()
 }
 
 fn signal(child: &Child, sig: Signal) {

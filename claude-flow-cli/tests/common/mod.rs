@@ -89,6 +89,17 @@ impl Fixture {
         cmd
     }
 
+    /// The standard output of `claude-flow <args>`, which must succeed.
+    pub fn stdout(&self, args: &[&str]) -> String {
+        let out = self.cli().args(args).output().expect("claude-flow");
+        assert!(
+            out.status.success(),
+            "claude-flow {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8 output")
+    }
+
     /// `claude-flow list --json`.
     pub fn list(&self) -> Vec<Value> {
         let out = self.cli().args(["list", "--json"]).output().expect("list");
@@ -202,4 +213,46 @@ pub fn read_pid(path: &Path) -> i32 {
 /// Parses an RFC 3339 time from `show --json`.
 pub fn time(v: &Value) -> std::time::SystemTime {
     humantime::parse_rfc3339(v.as_str().expect("a time")).expect("RFC 3339")
+}
+
+/// A TCP port free at the time of asking, for `service.listen`.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// Starts the service for `f`'s config in this runtime and waits for its
+/// first poll.
+pub async fn start_service(f: &Fixture) -> claude_flow_daemon::DaemonHandle {
+    let handle = claude_flow_daemon::Daemon::builder(f.config_path())
+        .init_logging(false)
+        .build()
+        .expect("the service's configuration")
+        .start()
+        .await
+        .expect("the service starts");
+    let mut status = handle.orchestrator().subscribe_status();
+    tokio::time::timeout(PATIENCE, status.wait_for(|s| s.last_poll.is_some()))
+        .await
+        .expect("the first poll")
+        .expect("the status channel");
+    handle
+}
+
+/// Reads `out` into `seen` until `seen` holds `text`; panics if `out` ends
+/// first.
+pub fn read_until(out: &mut impl std::io::Read, seen: &mut Vec<u8>, text: &str) {
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(seen).contains(text) {
+        let n = out.read(&mut buf).expect("read");
+        assert!(
+            n > 0,
+            "the output ended before {text:?}: {}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
 }

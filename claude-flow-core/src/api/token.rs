@@ -189,7 +189,8 @@ pub fn generate() -> Result<Secret, std::io::Error> {
 /// `<state_dir>/api-token`, replacing any earlier one atomically: written
 /// to a temporary file created with mode 0600 (never readable by others,
 /// not even for a moment), synced, renamed over the old one, and the
-/// directory synced.
+/// directory synced. On a full disk the old file is removed first, so that
+/// a restart needs no room beyond what it had.
 pub fn write_generated(state_dir: &Path) -> Result<ApiToken, StoreError> {
     let path = generated_path(state_dir);
     let io = |p: &Path| {
@@ -201,17 +202,35 @@ pub fn write_generated(state_dir: &Path) -> Result<ApiToken, StoreError> {
     // A leftover of a start that died here with the same PID; create_new
     // below then refuses anything (a symlink included) put in its place.
     let _ = fs::remove_file(&tmp);
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut file| {
-            file.write_all(format!("{}\n", secret.expose()).as_bytes())?;
-            file.sync_all()
-        });
+    let write = || {
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut file| {
+                file.write_all(format!("{}\n", secret.expose()).as_bytes())?;
+                file.sync_all()
+            });
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written
+    };
+    let mut written = write();
+    if let Err(e) = &written
+        && matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+    {
+        // A service restarting on a full disk: the old token is worthless
+        // once this start replaces it, and removing it first frees the room
+        // the new one needs.
+        let _ = fs::remove_file(&path);
+        written = write();
+    }
     if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
         return Err(io(&tmp)(e));
     }
     if let Err(e) = fs::rename(&tmp, &path) {
@@ -297,6 +316,32 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["api-token"], "a temporary file was left behind");
+    }
+
+    #[test]
+    fn a_new_token_is_written_at_start_on_a_full_disk() {
+        let test = "a_new_token_is_written_at_start_on_a_full_disk";
+        let Some(disk) = crate::small_fs::SmallFs::mount(test, 64) else {
+            return;
+        };
+        let state = disk.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let first = write_generated(&state).unwrap();
+        disk.fill("filler", u64::MAX);
+        assert_eq!(disk.free(), 0);
+        // The service stopped for the full disk; its restart must not need
+        // more room than the token it replaces.
+        let second = write_generated(&state).unwrap();
+        assert_ne!(second.secret(), first.secret());
+        assert_eq!(
+            fs::read_to_string(state.join(FILE_NAME)).unwrap(),
+            format!("{}\n", second.secret().expose())
+        );
+        let names: Vec<_> = fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE_NAME], "a temporary file was left behind");
     }
 
     #[test]

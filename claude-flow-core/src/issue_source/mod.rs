@@ -114,7 +114,8 @@ impl Report {
 /// --skipped`, the API and the console until the issue changes.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SkippedTrigger {
-    /// The issue.
+    /// The issue, `owner/name#n` in JSON (as `list --json` has it).
+    #[serde(with = "crate::orchestrator::display")]
     pub issue: IssueKey,
     /// Its title (attacker-controlled text: escape it when shown).
     pub title: String,

@@ -18,6 +18,7 @@ use tracing::Instrument;
 use super::attempt::{self, StopReason};
 use super::pause::{self, human};
 use super::poller::{Polled, Poller};
+use super::prune::{self, Pruned, Pruner};
 use super::reporter::{Delivered, Reporter, Want};
 use super::schedule::{Schedule, Wait};
 use super::{Command, Mode, PollResult, RunningAttempt, Settings, Shared, Status, Summary};
@@ -25,6 +26,7 @@ use crate::error::{Error, StoreError};
 use crate::issue::{Issue, IssueKey};
 use crate::issue_source::{CancelReport, FailureReport, Report, StartReport, SuccessReport};
 use crate::record::{AttemptOutcome, IssueRecord, IssueStatus, ServiceState, Shown};
+use crate::retention::Retention;
 use crate::state::StateStore;
 
 /// The longest the loop sleeps, so that its heartbeat moves (the systemd
@@ -67,11 +69,16 @@ pub(super) struct Engine {
     once_set: Option<HashSet<IssueKey>>,
     attempts: JoinSet<AttemptDone>,
     service: ServiceState,
+    /// When the quota pause in force began (not kept across restarts:
+    /// nothing that ran before a restart is still running after it).
+    pause_began: Option<SystemTime>,
     /// The workflow cannot be started (why), and when to look again.
     workflow_unavailable: Option<(String, SystemTime)>,
     summary: Summary,
     /// The first fatal error; the loop stops as if shut down.
     failure: Option<Error>,
+    /// Retention's passes, and the settled issues they hold.
+    pruner: Pruner,
 }
 
 impl Engine {
@@ -100,9 +107,11 @@ impl Engine {
             once_set: None,
             attempts: JoinSet::new(),
             service: ServiceState::default(),
+            pause_began: None,
             workflow_unavailable: None,
             summary: Summary::default(),
             failure: None,
+            pruner: Pruner::new(),
         }
     }
 
@@ -124,6 +133,12 @@ impl Engine {
             let stopping = grace_deadline.is_some();
             if !stopping && self.failure.is_none() {
                 self.dispatch(&settings, &reporter).await;
+                if self.mode == Mode::Forever
+                    && let Some(retention) = &settings.retention
+                    && self.pruner.pass_due()
+                {
+                    self.prune(retention, false, None);
+                }
             }
             if self.once_finished(&reporter) {
                 break;
@@ -137,7 +152,10 @@ impl Engine {
                 }
                 // Reports still owed may use what is left of the grace;
                 // after a restart they are made anyway.
-                if self.attempts.is_empty() && (reporter.all_tried() || now >= deadline) {
+                // A stopped batch ends after the issue it is removing,
+                // and its marks are worth waiting for.
+                let idle = self.attempts.is_empty() && (!self.pruner.busy() || now >= deadline);
+                if idle && (reporter.all_tried() || now >= deadline) {
                     break;
                 }
             }
@@ -153,11 +171,13 @@ impl Engine {
                 }
                 Some(polled) = polls.recv(), if !stopping => self.on_poll(polled, &reporter).await,
                 Some(done) = delivered.recv() => self.delivered(done).await,
+                Some(pruned) = self.pruner.next() => self.pruned(pruned).await,
                 () = reporter.changed(), if watch_reports => {}
                 () = tokio::time::sleep_until(wake) => {}
                 () = shutdown.cancelled(), if !stopping => {
                     tracing::info!(running = self.running.len(), grace = %humantime::format_duration(settings.shutdown_grace), "shutting down: no new work; waiting for running workflows");
                     grace_deadline = Some(Instant::now() + settings.shutdown_grace);
+                    self.pruner.stop();
                     self.publish(&reporter, |s| s.stopping = true);
                 }
                 Ok(()) = self.settings.changed() => {}
@@ -571,7 +591,11 @@ impl Engine {
         match outcome {
             Some(AttemptOutcome::Interrupted) => self.summary.interrupted += 1,
             Some(AttemptOutcome::QuotaExhausted { until }) => {
-                self.quota_exit(&key, until, settings).await;
+                let started = record
+                    .attempts
+                    .last()
+                    .map_or_else(SystemTime::now, |a| a.started_at);
+                self.quota_exit(&key, until, started, settings).await;
             }
             Some(AttemptOutcome::Succeeded | AttemptOutcome::Failed { .. })
                 if self.service.quota_exits > 0 =>
@@ -593,9 +617,22 @@ impl Engine {
 
     /// A workflow said its agent's quota is exhausted: nothing starts
     /// until the pause (bounded by the settings) is over.
-    async fn quota_exit(&mut self, key: &IssueKey, asked: SystemTime, settings: &Settings) {
+    /// Workflows that were already running when the pause began ran into
+    /// the same exhausted quota: their exits join that pause rather than
+    /// count as more exits in a row.
+    async fn quota_exit(
+        &mut self,
+        key: &IssueKey,
+        asked: SystemTime,
+        started: SystemTime,
+        settings: &Settings,
+    ) {
         let now = SystemTime::now();
-        self.service.quota_exits = self.service.quota_exits.saturating_add(1);
+        let same_exhaustion = self.pause_began.is_some_and(|began| started < began);
+        if !same_exhaustion || self.service.quota_exits == 0 {
+            self.service.quota_exits = self.service.quota_exits.saturating_add(1);
+            self.pause_began = Some(now);
+        }
         let until = pause::pause_end(settings, self.service.quota_exits, asked, now);
         let until = self.service.paused_until.map_or(until, |t| t.max(until));
         let length = human(until.duration_since(now).unwrap_or_default());
@@ -706,7 +743,7 @@ impl Engine {
             }
             _ => None,
         };
-        if !self.running.contains_key(&key) {
+        if !self.running.contains_key(&key) && !self.pruner.holds(&key) {
             self.schedule.set(&key, wait);
         }
         self.records.insert(key, record);
@@ -784,6 +821,15 @@ impl Engine {
                 }
                 let _ = reply.send(result);
             }
+            Command::Prune(dry_run, reply) => {
+                let retention = self.settings.borrow().retention.clone();
+                match retention {
+                    Some(retention) => self.prune(&retention, dry_run, Some(reply)),
+                    None => {
+                        let _ = reply.send(Err(Error::Conflict(crate::retention::KEEP_ALL.into())));
+                    }
+                }
+            }
             Command::Resume(reply) => {
                 let mut next = self.service.clone();
                 let lifted = crate::api::Resumed {
@@ -814,6 +860,53 @@ impl Engine {
             }
         }
         self.publish(reporter, |_| {});
+    }
+
+    /// Hands the settled issues whose files are due to a prune batch.
+    fn prune(&mut self, retention: &Retention, dry_run: bool, reply: Option<prune::Reply>) {
+        let now = SystemTime::now();
+        let mut due: Vec<(IssueKey, u32)> = self
+            .records
+            .values()
+            .filter(|r| !self.running.contains_key(r.key()) && retention.is_due(r, now))
+            .map(|r| (r.key().clone(), r.round))
+            .collect();
+        due.sort();
+        self.pruner.start(retention, due, dry_run, reply);
+    }
+
+    /// A prune batch is done with one issue: the record is marked (while
+    /// it is still the settled round whose files went), and an issue that
+    /// was triggered again meanwhile goes back to the schedule.
+    async fn pruned(&mut self, pruned: Pruned) {
+        let mark = self.pruner.settle(&pruned);
+        if let Some(freed) = pruned.freed.as_ref().filter(|f| f.found && !pruned.dry_run) {
+            let bytes = crate::retention::human_bytes(freed.bytes);
+            match &freed.error {
+                None => {
+                    tracing::info!(issue = %pruned.key, round = pruned.round, freed = %bytes, "retention: removed the workspace and logs")
+                }
+                Some(e) => {
+                    tracing::warn!(issue = %pruned.key, freed = %bytes, error = %e, "retention: could not remove everything; trying again at the next pass")
+                }
+            }
+        }
+        let Some(record) = self.records.get(&pruned.key) else {
+            return;
+        };
+        let mut record = record.clone();
+        if mark
+            && record.status.is_settled()
+            && record.round == pruned.round
+            && !self.running.contains_key(&pruned.key)
+        {
+            record.pruned_at = Some(SystemTime::now());
+            if let Err(e) = self.shared.store.put(&record).await {
+                self.fail(e.into());
+                return;
+            }
+        }
+        self.set_record(record);
     }
 
     fn fail(&mut self, e: Error) {

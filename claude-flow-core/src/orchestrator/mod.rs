@@ -11,13 +11,15 @@
 //!   record says, paced and retried, off the workflow slots.
 //!
 //! [`schedule`] decides what starts next; [`pause`] how long a quota
-//! pause lasts.
+//! pause lasts; [`prune`] removes the files of issues settled longer ago
+//! than the retention, off the loop.
 
 mod attempt;
 mod engine;
 mod leadership;
 mod pause;
 mod poller;
+mod prune;
 mod reporter;
 mod schedule;
 
@@ -35,6 +37,7 @@ use crate::error::Error;
 use crate::issue::IssueKey;
 use crate::issue_source::IssueSource;
 use crate::record::IssueRecord;
+use crate::retention::{PruneReport, Retention};
 use crate::runner::WorkflowRunner;
 use crate::state::StateStore;
 
@@ -60,6 +63,9 @@ pub struct Settings {
     pub max_interruptions: u32,
     /// This daemon's name among several sharing a store (`service.node`).
     pub node: String,
+    /// Whose files to remove, and when (`service.retention`); `None`
+    /// keeps everything.
+    pub retention: Option<Retention>,
 }
 
 impl Default for Settings {
@@ -81,6 +87,7 @@ impl Settings {
             max_pause: service.max_pause,
             max_interruptions: service.max_interruptions,
             node: service.node.clone(),
+            retention: Retention::from_config(service),
         }
     }
 
@@ -261,7 +268,7 @@ pub struct RunningAttempt {
 }
 
 /// An issue key as `owner/name#n` in JSON.
-mod display {
+pub(crate) mod display {
     use serde::{Deserialize, Deserializer, Serializer};
 
     use crate::issue::IssueKey;
@@ -296,6 +303,8 @@ enum Command {
     Retry(IssueKey, oneshot::Sender<Result<IssueRecord, Error>>),
     Cancel(IssueKey, oneshot::Sender<Result<IssueRecord, Error>>),
     Resume(oneshot::Sender<Result<crate::api::Resumed, Error>>),
+    /// `true`: a dry run.
+    Prune(bool, prune::Reply),
 }
 
 impl Command {
@@ -307,6 +316,9 @@ impl Command {
                 let _ = reply.send(Err(e()));
             }
             Self::Resume(reply) => {
+                let _ = reply.send(Err(e()));
+            }
+            Self::Prune(_, reply) => {
                 let _ = reply.send(Err(e()));
             }
         }
@@ -406,6 +418,14 @@ impl Orchestrator {
     /// it ended (none when the service was not paused).
     pub async fn resume(&self) -> Result<crate::api::Resumed, Error> {
         self.command(Command::Resume).await
+    }
+
+    /// Removes, through the running loop, the workspaces and logs of
+    /// issues settled longer ago than `service.retention` (as the service
+    /// does by itself every hour), and says what it freed; `dry_run`
+    /// removes nothing. Never touches a running or waiting issue's files.
+    pub async fn prune(&self, dry_run: bool) -> Result<PruneReport, Error> {
+        self.command(|reply| Command::Prune(dry_run, reply)).await
     }
 
     async fn command<T>(

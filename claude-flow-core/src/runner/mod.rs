@@ -25,7 +25,8 @@ use crate::issue::Issue;
 pub use closure::FnRunner;
 pub use output::{WorkflowOutput, log_tail, scan_output};
 pub use preflight::check_program;
-pub use subprocess::{SubprocessRunner, SubprocessSettings};
+pub use subprocess::{SubprocessRunner, SubprocessSettings, attempt_log_path};
+pub(crate) use subprocess::{log_dir_for, workspace_dir_for};
 
 /// One attempt to run the workflow for an issue.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use super::process::{self, GroupGuard};
 use super::spawn::{Child, Exit};
 use super::{ExitKind, RunOutcome, WorkflowJob, WorkflowRunner};
 use crate::error::RunnerError;
-use crate::issue::Issue;
+use crate::issue::{Issue, IssueKey};
 use crate::secret::Secret;
 
 /// Exit code with which a workflow asks to be retried later (`EX_TEMPFAIL`).
@@ -115,15 +115,12 @@ impl SubprocessRunner {
 
     /// The issue's workspace directory (kept across attempts).
     pub fn workspace(&self, issue: &Issue) -> PathBuf {
-        self.settings
-            .workspace_dir
-            .join(issue.key.repo.dir_name())
-            .join(format!("issue-{}", issue.key.number))
+        workspace_dir_for(&self.settings.workspace_dir, &issue.key)
     }
 
     /// The directory of the issue's attempt logs.
     pub fn log_dir(&self, issue: &Issue) -> PathBuf {
-        log_dir_for(&self.settings.log_dir, issue)
+        log_dir_for(&self.settings.log_dir, &issue.key)
     }
 
     fn prepare(&self, job: &WorkflowJob) -> Result<Prepared, RunnerError> {
@@ -268,11 +265,26 @@ async fn scan_log(path: &Path, issue: &Issue) -> Result<WorkflowOutput, RunnerEr
     scanned.map_err(io_err(path))
 }
 
-/// `<log_dir>/<owner>__<repo>/issue-<n>`.
-pub(crate) fn log_dir_for(log_dir: &Path, issue: &Issue) -> PathBuf {
-    log_dir
-        .join(issue.key.repo.dir_name())
-        .join(format!("issue-{}", issue.key.number))
+/// `<workspace_dir>/<owner>__<repo>/issue-<n>`: made only of the key's
+/// parts, which `RepoId` keeps free of `/` and `..`.
+pub(crate) fn workspace_dir_for(workspace_dir: &Path, key: &IssueKey) -> PathBuf {
+    workspace_dir
+        .join(key.repo.dir_name())
+        .join(format!("issue-{}", key.number))
+}
+
+/// `<log_dir>/<owner>__<repo>/issue-<n>`: every attempt's log, body and
+/// JSON file of the issue, all rounds.
+pub(crate) fn log_dir_for(log_dir: &Path, key: &IssueKey) -> PathBuf {
+    workspace_dir_for(log_dir, key)
+}
+
+/// Where this runner writes an attempt's log (CONTRACT section 4):
+/// `<log_dir>/<owner>__<repo>/issue-<n>/round-<r>-attempt-<k>.log`. A
+/// running attempt's record has no `log_path` yet; readers of its log
+/// find it here.
+pub fn attempt_log_path(log_dir: &Path, key: &IssueKey, round: u32, attempt: u32) -> PathBuf {
+    log_dir_for(log_dir, key).join(format!("round-{round}-attempt-{attempt}.log"))
 }
 
 struct Prepared {

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use super::rate_limit::{self, LimitHeaders, SecondaryBackoff};
 use super::wire;
-use crate::error::SourceError;
+use crate::error::{ConfigError, Error, SourceError};
 use crate::secret::Secret;
 
 /// The `X-GitHub-Api-Version` every request asks for.
@@ -127,11 +127,15 @@ enum Failure {
 impl Client {
     /// A client for `api_url` (`https://api.github.com`, a GitHub
     /// Enterprise `https://HOST/api/v3`, or a test server).
-    pub fn new(api_url: &str, token: &Secret, settings: GithubSettings) -> Result<Self, String> {
+    ///
+    /// A bad `api_url` or token is a [`ConfigError`]; a host without CA
+    /// root certificates, which the configuration cannot fix, is not.
+    pub fn new(api_url: &str, token: &Secret, settings: GithubSettings) -> Result<Self, Error> {
+        let bad_url = |reason: String| Error::from(ConfigError::key("github.api_url", reason));
         let mut base =
-            Url::parse(api_url).map_err(|e| format!("{api_url:?} is not a URL ({e})"))?;
+            Url::parse(api_url).map_err(|e| bad_url(format!("{api_url:?} is not a URL ({e})")))?;
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
-            return Err(format!("{api_url:?} is not an http(s) URL"));
+            return Err(bad_url(format!("{api_url:?} is not an http(s) URL")));
         }
         // Endpoints are appended as path segments; a trailing slash would
         // leave an empty one.
@@ -150,11 +154,18 @@ impl Client {
         );
         let mut auth =
             HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
-                "the GitHub token contains characters not allowed in a header".to_owned()
+                bad_url("the GitHub token contains characters not allowed in a header".to_owned())
             })?;
         auth.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, auth);
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if base.scheme() == "http" {
+            // A plain-http API (a test server, an Enterprise behind a
+            // local proxy) needs no roots, and redirects are not followed:
+            // a host without CA certificates must not stop it.
+            builder = builder.tls_certs_only(Vec::new());
+        }
+        let http = builder
             .user_agent(settings.user_agent.clone())
             .default_headers(headers)
             .timeout(settings.timeout)
@@ -163,7 +174,7 @@ impl Client {
             // there; GitHub's API does not redirect where it matters.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+            .map_err(|e| build_failure(api_url, &e))?;
         Ok(Self {
             http,
             base,
@@ -632,6 +643,45 @@ fn transport_error(e: &reqwest::Error) -> String {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why the HTTP client for `api_url` could not be built. reqwest only says
+/// "builder error"; the usual cause on a minimal host is a missing
+/// certificate store, which the operator fixes outside the configuration.
+fn build_failure(api_url: &str, error: &reqwest::Error) -> Error {
+    if rustls_native_certs::load_native_certs().certs.is_empty() {
+        return Error::Other(format!(
+            "cannot make https requests to {api_url}: {}",
+            missing_roots_message()
+        ));
+    }
+    let mut message = format!("cannot build the HTTP client for {api_url}: {error}");
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        message.push_str(&format!(": {inner}"));
+        cause = inner.source();
+    }
+    Error::Other(message)
+}
+
+/// Where the platform's roots were looked for, and what to do about it.
+fn missing_roots_message() -> String {
+    let named: Vec<String> = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+        .into_iter()
+        .filter_map(|name| {
+            let value = std::env::var_os(name)?;
+            Some(format!("{name} ({})", value.to_string_lossy()))
+        })
+        .collect();
+    let place = if named.is_empty() {
+        "/etc/ssl/certs".to_owned()
+    } else {
+        named.join(" or ")
+    };
+    format!(
+        "no CA root certificates found in {place}: install the ca-certificates package \
+         or set SSL_CERT_FILE to a file of PEM certificates"
+    )
 }
 
 #[cfg(test)]

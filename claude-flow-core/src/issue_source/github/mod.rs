@@ -43,7 +43,7 @@ use reqwest::{Method, Url};
 use serde_json::json;
 
 use crate::config::{Config, GithubConfig, Permission};
-use crate::error::{ConfigError, SourceError};
+use crate::error::{ConfigError, Error, SourceError};
 use crate::issue::{Issue, IssueKey, PrScope, RepoId};
 use crate::issue_source::{
     CancelReport, FailureReport, IssueSource, Report, SkippedTrigger, StartReport, SuccessReport,
@@ -111,7 +111,7 @@ struct Verdict {
 impl GithubSource {
     /// The source `config` describes, with the token from `github.token`,
     /// `github.token_file` or `GITHUB_TOKEN`, and default pacing.
-    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+    pub fn from_config(config: &Config) -> Result<Self, Error> {
         let token = config.github_token()?.ok_or_else(|| {
             ConfigError::key(
                 "github.token",
@@ -126,15 +126,15 @@ impl GithubSource {
         config: &GithubConfig,
         token: Secret,
         settings: GithubSettings,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, Error> {
         if config.repos.is_empty() {
             return Err(ConfigError::key(
                 "github.repos",
                 "required when source is \"github\" (a list of \"owner/name\")",
-            ));
+            )
+            .into());
         }
-        let client = client::Client::new(&config.api_url, &token, settings)
-            .map_err(|reason| ConfigError::key("github.api_url", reason))?;
+        let client = client::Client::new(&config.api_url, &token, settings)?;
         Ok(Self {
             client,
             config: config.clone(),

@@ -1,0 +1,86 @@
+//! The state directory as the read commands see it: opened without the
+//! lock (a running service may hold it), with errors that name
+//! `service.state_dir`.
+
+use std::io::ErrorKind;
+
+use claude_flow_core::config::Config;
+use claude_flow_core::{
+    ConfigError, Error, FileStore, IssueKey, IssueRecord, ServiceState, StateStore, StoreError,
+};
+
+use super::Failure;
+
+/// The state directory, read-only.
+#[derive(Debug)]
+pub struct ReadState<'a> {
+    config: &'a Config,
+    store: FileStore,
+}
+
+impl<'a> ReadState<'a> {
+    /// Opens `service.state_dir` for reading.
+    pub fn open(config: &'a Config) -> Result<Self, Failure> {
+        let store = FileStore::open_read_only(&config.service.state_dir)
+            .map_err(|e| state_dir_failure(config, e))?;
+        Ok(Self { config, store })
+    }
+
+    /// Every record, read afresh.
+    pub async fn records(&self) -> Result<Vec<IssueRecord>, Failure> {
+        self.store
+            .load()
+            .await
+            .map_err(|e| state_dir_failure(self.config, e))
+    }
+
+    /// One record, read afresh.
+    pub async fn record(&self, key: &IssueKey) -> Result<Option<IssueRecord>, Failure> {
+        self.records().await?;
+        self.store
+            .get(key)
+            .await
+            .map_err(|e| state_dir_failure(self.config, e))
+    }
+
+    /// The service-wide state: the pause, the skipped triggers.
+    pub async fn service(&self) -> Result<ServiceState, Failure> {
+        self.store
+            .load_service()
+            .await
+            .map_err(|e| state_dir_failure(self.config, e))
+    }
+}
+
+/// A state directory that cannot be read, said in terms of the setting: a
+/// path through a file, or one this user may not read, is a configuration
+/// problem (exit 78); anything else (a corrupt file, a failing disk) is not.
+fn state_dir_failure(config: &Config, e: StoreError) -> Failure {
+    let StoreError::Io { path, source } = e else {
+        return e.into();
+    };
+    let dir = config.service.state_dir.display();
+    let hint = match source.kind() {
+        ErrorKind::NotADirectory => Some("part of that path is a file, not a directory"),
+        ErrorKind::PermissionDenied => Some(
+            "run this command as the service's user or as root, or make the directory readable to you",
+        ),
+        _ => None,
+    };
+    match hint {
+        Some(hint) => {
+            let mut error = ConfigError::key(
+                "service.state_dir",
+                format!("{dir}: cannot read {}: {source} ({hint})", path.display()),
+            );
+            if let Some(file) = &config.file {
+                error = error.in_file(file);
+            }
+            Error::from(error).into()
+        }
+        None => Failure::other(format!(
+            "service.state_dir {dir}: cannot read {}: {source}",
+            path.display()
+        )),
+    }
+}

@@ -1,0 +1,213 @@
+//! `claude-flow status`: the service, its pause, its running attempts,
+//! its last poll, and the issue counts.
+
+use std::time::SystemTime;
+
+use claude_flow_core::api::{ApiClient, Health};
+use claude_flow_core::config::Config;
+use claude_flow_core::{FileStore, IssueRecord, IssueStatus, PollResult, RunningAttempt};
+use serde_json::json;
+
+use super::state::ReadState;
+use super::{Failure, api_failure, human, rfc3339};
+use crate::out::{self, outln};
+
+/// What the service is doing: a quota pause, the running attempts, the
+/// last poll.
+struct Activity {
+    paused_until: Option<SystemTime>,
+    pause_reason: Option<String>,
+    running: Vec<RunningAttempt>,
+    /// `None` when unknown: no service, or one without an HTTP API.
+    last_poll: Option<PollResult>,
+}
+
+impl Activity {
+    /// As the running service says (`GET /healthz`).
+    fn of_health(health: &Health) -> Self {
+        Self {
+            paused_until: health.paused_until,
+            pause_reason: health.pause_reason.clone(),
+            running: health.running.clone(),
+            last_poll: health.last_poll.clone(),
+        }
+    }
+
+    /// As the state directory says: the pause from `service.json` (as a
+    /// service started now would see it) and, while a service holds the
+    /// state, the attempts its records say are running. Without one,
+    /// nothing runs, whatever a crashed service left in its records.
+    async fn of_store(
+        config: &Config,
+        state: &ReadState<'_>,
+        records: &[IssueRecord],
+        service_runs: bool,
+    ) -> Result<Self, Failure> {
+        let service = state.service().await?;
+        let paused_until = service.pause_at(SystemTime::now(), config.service.max_pause);
+        let running = if service_runs {
+            records
+                .iter()
+                .filter_map(IssueRecord::running_attempt)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            paused_until,
+            pause_reason: paused_until.and(service.pause_reason),
+            running,
+            last_poll: None,
+        })
+    }
+
+    /// The top-level fields of `status --json` (CONTRACT section 6).
+    fn to_json(&self, now: SystemTime) -> serde_json::Value {
+        let running: Vec<_> = self
+            .running
+            .iter()
+            .map(|r| {
+                json!({
+                    "issue": r.issue.to_string(),
+                    "round": r.round,
+                    "attempt": r.attempt,
+                    "started_at": rfc3339(r.started_at),
+                    "elapsed_seconds": now.duration_since(r.started_at).unwrap_or_default().as_secs(),
+                })
+            })
+            .collect();
+        let last_poll = self.last_poll.as_ref().map(|p| {
+            json!({
+                "at": rfc3339(p.at),
+                "ok": p.error.is_none(),
+                "error": p.error,
+                "ready": p.ready,
+            })
+        });
+        json!({
+            "paused_until": self.paused_until.map(rfc3339),
+            "pause_reason": self.pause_reason,
+            "running": running,
+            "last_poll": last_poll,
+        })
+    }
+
+    fn print(&self) -> Result<(), Failure> {
+        if self.running.is_empty() {
+            outln!("working: nothing")?;
+        }
+        let now = SystemTime::now();
+        for (i, run) in self.running.iter().enumerate() {
+            let elapsed = now.duration_since(run.started_at).unwrap_or_default();
+            outln!(
+                "{} {} round {} attempt {}, running for {} (since {})",
+                if i == 0 { "working:" } else { "        " },
+                run.issue,
+                run.round,
+                run.attempt,
+                human(elapsed),
+                rfc3339(run.started_at)
+            )?;
+        }
+        if let Some(until) = self.paused_until {
+            let left = until
+                .duration_since(now)
+                .map(|d| format!(" (in {})", human(d)))
+                .unwrap_or_default();
+            outln!(
+                "paused:  until {}{left}: {}",
+                rfc3339(until),
+                self.pause_reason.as_deref().unwrap_or("workflow quota")
+            )?;
+            outln!("         no workflow starts before then; `claude-flow resume` ends the pause")?;
+        }
+        Ok(())
+    }
+}
+
+/// `claude-flow status [--json]`.
+pub async fn status(config: &Config, json: bool) -> Result<(), Failure> {
+    let state = ReadState::open(config)?;
+    let records = state.records().await?;
+    let holder = FileStore::lock_holder(&config.service.state_dir);
+    // The running service's own view, when it has an HTTP API.
+    let daemon = match holder {
+        Some(_) if !config.service.listen.is_empty() => {
+            Some(match ApiClient::for_listen(&config.service.listen) {
+                Ok(client) => client.health().await,
+                Err(e) => Err(e),
+            })
+        }
+        _ => None,
+    };
+    let activity = match &daemon {
+        Some(Ok(health)) => Activity::of_health(health),
+        _ => Activity::of_store(config, &state, &records, holder.is_some()).await?,
+    };
+    let count = |s| records.iter().filter(|r| r.status == s).count();
+    if json {
+        let counts: serde_json::Map<_, _> = IssueStatus::ALL
+            .iter()
+            .map(|s| (s.as_str().to_owned(), json!(count(*s))))
+            .collect();
+        let health = match &daemon {
+            Some(Ok(health)) => serde_json::to_value(health).unwrap_or_default(),
+            Some(Err(e)) => json!({ "error": e.to_string() }),
+            None => serde_json::Value::Null,
+        };
+        let mut out = activity.to_json(SystemTime::now());
+        if let serde_json::Value::Object(fields) = &mut out {
+            fields.insert(
+                "service".into(),
+                json!({ "running": holder.is_some(), "pid": holder, "health": health }),
+            );
+            fields.insert("state_dir".into(), json!(config.service.state_dir));
+            fields.insert("issues".into(), json!(counts));
+        }
+        out::json(&out)?;
+    } else {
+        match holder {
+            Some(pid) => outln!("service: running (pid {pid})")?,
+            None => outln!("service: not running")?,
+        }
+        match &daemon {
+            Some(Ok(health)) => print_health(health)?,
+            _ => {
+                if holder.is_some() {
+                    outln!(
+                        "polled:  unknown (service.listen is empty: the service has no HTTP API to ask)"
+                    )?;
+                }
+                activity.print()?;
+            }
+        }
+        outln!("state:   {}", config.service.state_dir.display())?;
+        for s in IssueStatus::ALL {
+            outln!("{:<10} {}", format!("{s}:"), count(s))?;
+        }
+    }
+    match (daemon, holder) {
+        (Some(Err(e)), Some(pid)) => Err(api_failure(pid, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Prints the service's own view of itself (`GET /healthz`).
+pub(crate) fn print_health(health: &Health) -> Result<(), Failure> {
+    match &health.reason {
+        None => outln!("health:  {}", health.status)?,
+        Some(reason) => outln!("health:  {} ({reason})", health.status)?,
+    }
+    match &health.last_poll {
+        Some(poll) => {
+            let outcome = match (&poll.error, poll.ready) {
+                (Some(e), _) => format!("failed: {e}"),
+                (None, Some(n)) => format!("ok, {n} ready"),
+                (None, None) => "ok".to_owned(),
+            };
+            outln!("polled:  {} ({outcome})", rfc3339(poll.at))?;
+        }
+        None => outln!("polled:  not yet")?,
+    }
+    Activity::of_health(health).print()
+}
