@@ -1,7 +1,7 @@
 //! Standard output for what the commands print.
 //!
 //! `println!` panics when its pipe's reader is gone (`claude-flow list |
-//! head`), so every command writes through [`line`] (the `outln!` macro)
+//! head`), so every command writes through [`line()`] (the `outln!` macro)
 //! instead: a closed pipe then ends the command with exit code 141, what
 //! a shell reports for a program killed by SIGPIPE, and nothing on
 //! stderr. Restoring SIGPIPE's default action at start would do the same
