@@ -102,6 +102,9 @@ pub enum Command {
     /// Check or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The state store: the PostgreSQL schema, copying a file store in.
+    #[command(subcommand)]
+    Store(crate::store::StoreCommand),
     /// Install and control the systemd service.
     #[command(subcommand)]
     Service(ServiceCommand),

@@ -159,6 +159,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             config.api_token().map_err(Error::from)?;
             outln!("{}: configuration OK", cli.config.display())
         }
+        Command::Store(command) => crate::store::run(&config, command).await,
         Command::Config(ConfigCommand::Show) => out::json(&config.to_redacted_json()),
         Command::Completions { .. } | Command::Service(_) => Ok(()),
     }

@@ -5,6 +5,7 @@ mod commands;
 mod out;
 mod prune;
 mod service;
+mod store;
 
 use std::io::Write;
 use std::process::ExitCode;

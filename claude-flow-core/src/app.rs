@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use crate::config::{Config, SourceKind};
+use crate::config::{Config, SourceKind, StoreKind};
 use crate::error::Error;
 use crate::issue::RepoId;
 use crate::issue_source::{GithubSource, IssueSource, LocalSource};
 use crate::orchestrator::{Orchestrator, Settings};
 use crate::runner::{SubprocessRunner, SubprocessSettings};
-use crate::state::FileStore;
+use crate::state::{FileStore, StateStore};
 
 /// The subprocess runner's settings from `workflow.*` and `service.*`,
 /// once the workflow program is known to start (found, executable, its
@@ -68,13 +68,49 @@ pub fn repositories(config: &Config) -> Result<Vec<RepoId>, Error> {
     }
 }
 
-/// Opens the state store for writing (taking the state directory's lock)
-/// and builds the orchestrator the configuration describes.
-pub fn orchestrator(config: &Config) -> Result<(Orchestrator, Arc<FileStore>), Error> {
+/// Opens the store `store.kind` names for writing: the state directory's
+/// journal (taking its lock: a second writer gets exit 75), or the
+/// PostgreSQL database, which is reached at its first use (a daemon
+/// started while the database is down keeps trying).
+pub fn open_store(config: &Config) -> Result<Arc<dyn StateStore>, Error> {
+    match config.store.kind {
+        StoreKind::File => Ok(Arc::new(FileStore::open(&config.service.state_dir)?)),
+        #[cfg(feature = "postgres")]
+        StoreKind::Postgres => {
+            use std::os::unix::fs::DirBuilderExt;
+
+            use crate::state::{PostgresSettings, PostgresStore};
+            let url = config.postgres_url()?;
+            // The records are in the database; logs, workspaces and the
+            // API token still live in the state directory.
+            let dir = &config.service.state_dir;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| crate::error::StoreError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+            let settings = PostgresSettings::from_config(&config.store.postgres);
+            Ok(Arc::new(PostgresStore::open_lazy(&url, settings)?))
+        }
+        #[cfg(not(feature = "postgres"))]
+        StoreKind::Postgres => Err(crate::error::ConfigError::key(
+            "store.kind",
+            "this build has no PostgreSQL support (cargo feature \"postgres\" of claude-flow-core)",
+        )
+        .into()),
+    }
+}
+
+/// Opens the state store for writing ([`open_store`]) and builds the
+/// orchestrator the configuration describes.
+pub fn orchestrator(config: &Config) -> Result<(Orchestrator, Arc<dyn StateStore>), Error> {
     let source = issue_source(config)?;
     let runner = Arc::new(SubprocessRunner::new(subprocess_settings(config)?));
     crate::service_dirs::prepare_directories(&config.service)?;
-    let store = Arc::new(FileStore::open(&config.service.state_dir)?);
+    let store = open_store(config)?;
     let orchestrator = Orchestrator::builder()
         .source(source)
         .runner(runner)

@@ -45,6 +45,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Where records are kept.
+    #[serde(default)]
+    pub store: StoreConfig,
     /// The file this configuration was read from.
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -231,6 +234,9 @@ pub struct ServiceConfig {
     pub api_token: Option<Secret>,
     /// A file holding the HTTP API's token.
     pub api_token_file: Option<PathBuf>,
+    /// This daemon's name among several sharing a store: recorded with
+    /// each attempt it runs and shown in `status`.
+    pub node: String,
 }
 
 impl Default for ServiceConfig {
@@ -252,8 +258,18 @@ impl Default for ServiceConfig {
             retention: Some(Duration::from_secs(30 * 86_400)),
             api_token: None,
             api_token_file: None,
+            node: host_name(),
         }
     }
+}
+
+/// The machine's host name, the default `service.node`.
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 impl ServiceConfig {
@@ -269,6 +285,52 @@ impl ServiceConfig {
         self.log_dir
             .clone()
             .unwrap_or_else(|| self.state_dir.join("logs"))
+    }
+}
+
+/// `store.*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "snake_case")]
+pub struct StoreConfig {
+    /// Which store keeps the records.
+    pub kind: StoreKind,
+    /// The PostgreSQL store.
+    pub postgres: PostgresConfig,
+}
+
+/// `store.kind`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// The state directory's journal: one daemon, no setup.
+    #[default]
+    File,
+    /// A PostgreSQL database that several daemons share.
+    Postgres,
+}
+
+/// `store.postgres.*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "snake_case")]
+pub struct PostgresConfig {
+    /// A libpq-style URL (`postgres://user:password@host/db`); a secret,
+    /// since it may hold the password. See also `url_file`.
+    pub url: Option<Secret>,
+    /// A file holding the URL.
+    pub url_file: Option<PathBuf>,
+    /// How long a daemon's claim on a running attempt lasts without
+    /// renewal.
+    #[serde(with = "duration")]
+    pub lease: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            url_file: None,
+            lease: Duration::from_secs(30),
+        }
     }
 }
 
@@ -389,6 +451,36 @@ impl Config {
             .transpose()
     }
 
+    /// The PostgreSQL URL: `store.postgres.url`, else the contents of
+    /// `store.postgres.url_file` (read now, trimmed). Errors name the key,
+    /// never the URL, which may hold a password.
+    pub fn postgres_url(&self) -> Result<Secret, ConfigError> {
+        let postgres = &self.store.postgres;
+        let (key, url) = match (&postgres.url, &postgres.url_file) {
+            (Some(url), _) => ("store.postgres.url", url.clone()),
+            (None, Some(file)) => (
+                "store.postgres.url_file",
+                read_secret_file("store.postgres.url_file", file)?,
+            ),
+            (None, None) => {
+                return Err(ConfigError::key(
+                    "store.postgres.url",
+                    "required when store.kind is \"postgres\" (or store.postgres.url_file), \
+                     e.g. \"postgres://claude_flow@db.internal/claude_flow\"",
+                ));
+            }
+        };
+        let text = url.expose().trim();
+        if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+            return Err(ConfigError::key(
+                key,
+                "not a PostgreSQL URL: it must start with postgres:// or postgresql:// \
+                 (the value is not shown, since it may hold a password)",
+            ));
+        }
+        Ok(Secret::new(text))
+    }
+
     /// The configuration as `config show` prints it: effective values,
     /// secrets redacted.
     pub fn to_redacted_json(&self) -> Value {
@@ -417,6 +509,7 @@ impl Config {
         for f in [
             &mut self.github.token_file,
             &mut self.service.api_token_file,
+            &mut self.store.postgres.url_file,
         ]
         .into_iter()
         .flatten()
@@ -495,6 +588,7 @@ impl Config {
             ("service.poll_interval", self.service.poll_interval),
             ("service.retry_backoff", self.service.retry_backoff),
             ("service.max_pause", self.service.max_pause),
+            ("store.postgres.lease", self.store.postgres.lease),
         ];
         for (key, value) in positive {
             if value.is_zero() {
@@ -527,6 +621,34 @@ impl Config {
                 "service.api_token",
                 "must not be empty (leave it out to have the daemon make a token)",
             ));
+        }
+        if self.service.node.trim().is_empty() {
+            return Err(ConfigError::key(
+                "service.node",
+                "must not be empty (leave it out to use the host name)",
+            ));
+        }
+        if self.store.kind == StoreKind::Postgres {
+            // A URL given inline is checked now; a file is read where it
+            // is used, as the token files are.
+            if self.store.postgres.url.is_some() || self.store.postgres.url_file.is_none() {
+                self.postgres_url()?;
+            }
+            // A daemon that loses the database stops its workflows within
+            // half the lease plus the kill grace; that must end before the
+            // lease does, when another daemon may start the same issue.
+            if self.workflow.kill_grace * 2 >= self.store.postgres.lease {
+                return Err(ConfigError::key(
+                    "store.postgres.lease",
+                    format!(
+                        "{} must be more than twice workflow.kill_grace ({}), so that a daemon \
+                         that loses the database has stopped its workflows before another may \
+                         start them",
+                        humantime::format_duration(self.store.postgres.lease),
+                        humantime::format_duration(self.workflow.kill_grace)
+                    ),
+                ));
+            }
         }
         if self.service.retry_backoff_max < self.service.retry_backoff {
             return Err(ConfigError::key(
@@ -1145,5 +1267,112 @@ mod tests {
             "opus"
         );
         assert!(shown.contains("\"poll_interval\":\"5m\""), "{shown}");
+    }
+
+    #[test]
+    fn the_store_defaults_to_the_file_journal_on_this_host() {
+        let c = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.store.kind, StoreKind::File);
+        assert_eq!(c.store.postgres.lease, Duration::from_secs(30));
+        assert_eq!(c.service.node, host_name());
+        assert!(!c.service.node.is_empty());
+        let shown = c.to_redacted_json();
+        assert_eq!(shown["store"]["kind"], "file");
+        assert_eq!(shown["store"]["postgres"]["lease"], "30s");
+    }
+
+    #[test]
+    fn the_postgres_store_is_chosen_and_tuned_by_key_or_environment() {
+        let url = "postgres://cf:hunter2@db.internal/claude_flow";
+        let c = parse(
+            MINIMAL,
+            &[
+                ("CLAUDE_FLOW_STORE__KIND", "postgres"),
+                ("CLAUDE_FLOW_STORE__POSTGRES__URL", url),
+                ("CLAUDE_FLOW_STORE__POSTGRES__LEASE", "45s"),
+                ("CLAUDE_FLOW_SERVICE__NODE", "worker-2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.store.kind, StoreKind::Postgres);
+        assert_eq!(c.store.postgres.lease, Duration::from_secs(45));
+        assert_eq!(c.service.node, "worker-2");
+        assert_eq!(c.postgres_url().unwrap().expose(), url);
+        let shown = c.to_redacted_json();
+        assert_eq!(shown["store"]["postgres"]["url"], "[redacted]");
+        assert!(!shown.to_string().contains("hunter2"), "{shown}");
+        assert!(!format!("{c:?}").contains("hunter2"));
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db-url"), format!("{url}\n")).unwrap();
+        let text = MINIMAL.replace(
+            "\"workflow\"",
+            r#""store": {"kind": "postgres", "postgres": {"url_file": "db-url"}}, "workflow""#,
+        );
+        let c = Config::parse(&text, dir.path(), Vec::new()).unwrap();
+        assert_eq!(
+            c.store.postgres.url_file.as_deref(),
+            Some(dir.path().join("db-url").as_path())
+        );
+        assert_eq!(c.postgres_url().unwrap().expose(), url);
+    }
+
+    #[test]
+    fn store_errors_name_the_key_and_never_the_url() {
+        let e = err(MINIMAL, &[("CLAUDE_FLOW_STORE__KIND", "postgres")]);
+        assert!(e.starts_with("store.postgres.url: required"), "{e}");
+        let e = err(
+            MINIMAL,
+            &[
+                ("CLAUDE_FLOW_STORE__KIND", "postgres"),
+                ("CLAUDE_FLOW_STORE__POSTGRES__URL", "mysql://u:s3cret@h/db"),
+            ],
+        );
+        assert!(
+            e.starts_with("store.postgres.url: not a PostgreSQL URL"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        let e = err(MINIMAL, &[("CLAUDE_FLOW_STORE__KIND", "redis")]);
+        assert!(
+            e.starts_with("store.kind (from CLAUDE_FLOW_STORE__KIND): unknown variant"),
+            "{e}"
+        );
+        let e = err(MINIMAL, &[("CLAUDE_FLOW_STORE__POSTGRES__LEAS", "1m")]);
+        assert!(e.contains("store.postgres.leas"), "{e}");
+        assert!(e.contains("unknown key"), "{e}");
+        let e = err(MINIMAL, &[("CLAUDE_FLOW_STORE__POSTGRES__LEASE", "0s")]);
+        assert!(
+            e.starts_with("store.postgres.lease: must be longer than 0s"),
+            "{e}"
+        );
+        let e = err(
+            MINIMAL,
+            &[
+                ("CLAUDE_FLOW_STORE__KIND", "postgres"),
+                ("CLAUDE_FLOW_STORE__POSTGRES__URL", "postgres://db/cf"),
+                ("CLAUDE_FLOW_STORE__POSTGRES__LEASE", "20s"),
+            ],
+        );
+        assert!(
+            e.starts_with(
+                "store.postgres.lease: 20s must be more than twice workflow.kill_grace (10s)"
+            ),
+            "{e}"
+        );
+        let e = err(MINIMAL, &[("CLAUDE_FLOW_SERVICE__NODE", " ")]);
+        assert!(e.starts_with("service.node: must not be empty"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let text = MINIMAL.replace(
+            "\"workflow\"",
+            r#""store": {"kind": "postgres", "postgres": {"url_file": "missing"}}, "workflow""#,
+        );
+        let c = Config::parse(&text, dir.path(), Vec::new()).unwrap();
+        let e = c.postgres_url().unwrap_err().to_string();
+        assert!(
+            e.starts_with("store.postgres.url_file: cannot read "),
+            "{e}"
+        );
     }
 }

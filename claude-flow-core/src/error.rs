@@ -156,6 +156,41 @@ pub enum StoreError {
     /// memory and disk cannot drift apart.
     #[error("the state store stopped after a failed write: {0}")]
     Failed(String),
+    /// The database could not be reached, or refused a statement. The
+    /// message never holds the connection URL.
+    #[error("PostgreSQL store: {what}: {message}")]
+    Database {
+        /// What was being done, e.g. `claim ready issues`.
+        what: String,
+        /// The database's or the driver's message.
+        message: String,
+        /// Whether the same statement may succeed later (the connection
+        /// failed, rather than the statement).
+        retryable: bool,
+    },
+    /// This daemon's claim on a running attempt ran out (it could not
+    /// renew it in time), so another daemon may run the issue: this one
+    /// must neither write the attempt's record nor go on running it.
+    #[error("{issue}: this daemon's claim on the running attempt ran out")]
+    LeaseLost {
+        /// The issue.
+        issue: IssueKey,
+    },
+    /// The store's configuration is wrong: the database refused the login,
+    /// or has no such database (exit code 78, naming the key).
+    #[error("configuration error: {0}")]
+    Misconfigured(ConfigError),
+    /// The database was upgraded by a newer claude-flow.
+    #[error(
+        "the database's claude-flow schema is at version {found}, newer than this claude-flow \
+         knows (up to {known}): upgrade claude-flow on this host; nothing was changed"
+    )]
+    SchemaTooNew {
+        /// The newest migration applied to the database.
+        found: i64,
+        /// The newest migration this binary has.
+        known: i64,
+    },
 }
 
 impl StoreError {
@@ -163,7 +198,14 @@ impl StoreError {
     /// the orchestrator, since acting without durable state risks running
     /// an issue twice.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Locked { .. })
+        matches!(
+            self,
+            Self::Locked { .. }
+                | Self::Database {
+                    retryable: true,
+                    ..
+                }
+        )
     }
 }
 
@@ -237,7 +279,7 @@ impl Error {
     /// configuration, 75 for a locked state directory, else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Config(_) => 78,
+            Self::Config(_) | Self::Store(StoreError::Misconfigured(_)) => 78,
             Self::Store(StoreError::Locked { .. }) => 75,
             _ => 1,
         }

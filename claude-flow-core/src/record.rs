@@ -144,6 +144,23 @@ pub struct Attempt {
 }
 
 impl Attempt {
+    /// An attempt that starts now: number `number` of round `round`, with
+    /// nothing known yet of how it ends.
+    pub fn started(number: u32, round: u32, run_id: String, started_at: SystemTime) -> Self {
+        Self {
+            number,
+            round,
+            run_id,
+            started_at,
+            finished_at: None,
+            outcome: None,
+            exit_code: None,
+            signal: None,
+            log_path: None,
+            pr_url: None,
+        }
+    }
+
     /// How long the attempt ran (so far, when still running).
     pub fn duration(&self) -> Duration {
         self.finished_at

@@ -8,7 +8,7 @@ use std::time::Duration;
 use claude_flow_core::api::token::{self, ApiToken, TokenSource};
 use claude_flow_core::logging::{self, LogHandle};
 use claude_flow_core::{
-    Config, Error, FileStore, Orchestrator, Settings, StateStore, Status, SubprocessRunner, app,
+    Config, Error, Orchestrator, Settings, StateStore, Status, SubprocessRunner, app,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::task::JoinHandle;
@@ -73,12 +73,22 @@ impl DaemonBuilder {
 }
 
 /// A built service, ready to [`start`](Daemon::start).
-#[derive(Debug)]
 pub struct Daemon {
     orchestrator: Arc<Orchestrator>,
-    store: Arc<FileStore>,
+    store: Arc<dyn StateStore>,
     pid_file: Option<PidFile>,
     reloader: Reloader,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("orchestrator", &self.orchestrator)
+            .field("store", &self.store.guarantees())
+            .field("pid_file", &self.pid_file)
+            .field("reloader", &self.reloader)
+            .finish()
+    }
 }
 
 impl Daemon {
@@ -108,7 +118,7 @@ impl Daemon {
             let listener = http::bind(&config.service.listen)
                 .await
                 .map_err(|e| Error::Other(e.to_string()))?;
-            let store: Arc<dyn StateStore> = self.store.clone();
+            let store = Arc::clone(&self.store);
             let mut state = HttpState::new(Arc::clone(&self.orchestrator), store)
                 .with_webhook(WebhookConfig::from_config(config))
                 .with_log_dir(config.service.log_dir())
@@ -209,7 +219,8 @@ async fn tell_systemd(
                     return;
                 }
                 let now = status.borrow_and_update().clone();
-                if !ready && now.last_poll.is_some() {
+                // A daemon standing by is up: it takes over when it must.
+                if !ready && (now.last_poll.is_some() || now.standby.is_some()) {
                     notifier.ready();
                     ready = true;
                 }
@@ -247,6 +258,9 @@ async fn tell_systemd(
 fn describe(s: &Status) -> String {
     if s.stopping {
         return format!("stopping: {} workflows still running", s.running.len());
+    }
+    if let Some(why) = &s.standby {
+        return why.clone();
     }
     let poll = match &s.last_poll {
         None => "first poll".to_owned(),

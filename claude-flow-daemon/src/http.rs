@@ -669,6 +669,8 @@ pub fn health(
     let quiet = now.duration_since(last_end).unwrap_or_default();
     let reason = if status.stopping {
         Some("stopping: no new work; waiting for running workflows".to_owned())
+    } else if let Some(why) = &status.standby {
+        Some(why.clone())
     } else if let Some(why) = &status.workflow_unavailable {
         Some(format!("no workflow can start: {why}"))
     } else if status.consecutive_poll_failures >= FAILED_POLLS_UNHEALTHY {

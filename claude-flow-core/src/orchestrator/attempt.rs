@@ -40,18 +40,9 @@ pub(super) const UNWANTED: &str = "the issue is no longer eligible at its source
 /// Starts a new attempt in `record` (in memory): status `running`.
 pub(super) fn begin(record: &mut IssueRecord, now: SystemTime) {
     let number = record.next_attempt_number();
-    record.attempts.push(Attempt {
-        number,
-        round: record.round,
-        run_id: new_run_id(),
-        started_at: now,
-        finished_at: None,
-        outcome: None,
-        exit_code: None,
-        signal: None,
-        log_path: None,
-        pr_url: None,
-    });
+    record
+        .attempts
+        .push(Attempt::started(number, record.round, new_run_id(), now));
     record.status = IssueStatus::Running;
     record.next_retry_at = None;
     record.updated_at = now;

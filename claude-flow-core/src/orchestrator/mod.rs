@@ -16,6 +16,7 @@
 
 mod attempt;
 mod engine;
+mod leadership;
 mod pause;
 mod poller;
 mod prune;
@@ -60,6 +61,8 @@ pub struct Settings {
     pub max_pause: Duration,
     /// Interruptions in a row after which an attempt fails its round.
     pub max_interruptions: u32,
+    /// This daemon's name among several sharing a store (`service.node`).
+    pub node: String,
     /// Whose files to remove, and when (`service.retention`); `None`
     /// keeps everything.
     pub retention: Option<Retention>,
@@ -83,6 +86,7 @@ impl Settings {
             shutdown_grace: service.shutdown_grace,
             max_pause: service.max_pause,
             max_interruptions: service.max_interruptions,
+            node: service.node.clone(),
             retention: Retention::from_config(service),
         }
     }
@@ -239,6 +243,9 @@ pub struct Status {
     pub skipped: Vec<crate::issue_source::SkippedTrigger>,
     /// A graceful stop is under way.
     pub stopping: bool,
+    /// Why this daemon runs no engine now, with a store several daemons
+    /// share: another daemon leads, or the database cannot be reached.
+    pub standby: Option<String>,
     /// Counts the scheduler loop's turns; the loop turns at least once a
     /// second, so a counter that stops moving means a hung loop (what a
     /// watchdog should catch).
@@ -448,6 +455,41 @@ impl Orchestrator {
     }
 
     async fn run_engine(&self, mode: Mode, shutdown: CancellationToken) -> Result<Summary, Error> {
+        // A shared store: only the leader runs the engine.
+        let leadership = match self.shared.store.coordination() {
+            None => None,
+            Some(coordination) => {
+                let node = self.settings.borrow().node.clone();
+                match leadership::acquire(
+                    coordination,
+                    &*self.shared.store,
+                    &node,
+                    &self.status,
+                    &shutdown,
+                )
+                .await?
+                {
+                    Some(leadership) => Some(leadership),
+                    None => return Ok(Summary::default()),
+                }
+            }
+        };
+        let shutdown = match &leadership {
+            Some(leadership) => leadership.guard(shutdown, Arc::clone(&self.hurry)),
+            None => shutdown,
+        };
+        let result = self.run_engine_led(mode, shutdown).await;
+        match leadership {
+            Some(leadership) => leadership.end().await.and(result),
+            None => result,
+        }
+    }
+
+    async fn run_engine_led(
+        &self,
+        mode: Mode,
+        shutdown: CancellationToken,
+    ) -> Result<Summary, Error> {
         let inbox = self
             .inbox
             .lock()

@@ -69,4 +69,8 @@ impl StateStore for MemoryStore {
         *self.service.lock().unwrap_or_else(|e| e.into_inner()) = state.clone();
         Ok(())
     }
+
+    fn guarantees(&self) -> super::Guarantees {
+        super::Guarantees::IN_MEMORY
+    }
 }

@@ -1,0 +1,158 @@
+//! `claude-flow store` and `store.kind: "postgres"` through the real
+//! binary, against the server `CLAUDE_FLOW_TEST_POSTGRES` names.
+#![allow(clippy::unwrap_used)] // a panic in a test is a failed assertion
+
+mod common;
+
+use claude_flow_core::state::{PostgresSettings, PostgresStore, TestDb};
+use claude_flow_core::{
+    FileStore, Issue, IssueKey, IssueRecord, IssueStatus, ServiceState, StateStore,
+};
+use common::Fixture;
+use predicates::prelude::PredicateBooleanExt;
+use serde_json::json;
+
+fn use_database(fixture: &Fixture, url: &str, kind: &str) {
+    fixture.config(json!({"store": {"kind": kind, "postgres": {"url": url}}}));
+}
+
+#[tokio::test]
+async fn migrate_then_copy_a_file_store_in_once() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let fixture = Fixture::new();
+    use_database(&fixture, db.url.expose(), "file");
+    let repo = claude_flow_core::app::repositories(
+        &claude_flow_core::Config::load(&fixture.config_path()).unwrap(),
+    )
+    .unwrap()
+    .remove(0);
+    let mut records = Vec::new();
+    {
+        let file = FileStore::open(fixture.path("state")).unwrap();
+        for n in 1..=3 {
+            let mut record = IssueRecord::new(Issue::new(IssueKey::new(repo.clone(), n), "t"));
+            if n == 2 {
+                record.status = IssueStatus::Done;
+            }
+            file.put(&record).await.unwrap();
+            records.push(record);
+        }
+        let service = ServiceState {
+            quota_exits: 2,
+            ..ServiceState::default()
+        };
+        file.put_service(&service).await.unwrap();
+
+        // While a daemon holds the state directory, nothing is copied.
+        fixture
+            .cli()
+            .args(["store", "copy", "--to", "postgres"])
+            .assert()
+            .code(75);
+    }
+
+    fixture
+        .cli()
+        .args(["store", "migrate"])
+        .assert()
+        .success()
+        .stdout("schema created (version 1)\n");
+    fixture
+        .cli()
+        .args(["store", "migrate"])
+        .assert()
+        .success()
+        .stdout("the schema is up to date (version 1)\n");
+
+    fixture
+        .cli()
+        .args(["store", "copy", "--to", "postgres"])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("copied 3 issue records"));
+    let store = PostgresStore::connect(&db.url, PostgresSettings::default())
+        .await
+        .unwrap();
+    let mut copied = store.list().await.unwrap();
+    copied.sort_by(|a, b| a.key().cmp(b.key()));
+    assert_eq!(copied, records);
+    assert_eq!(store.load_service().await.unwrap().quota_exits, 2);
+
+    // Once: a second copy changes nothing.
+    let mut extra = records[0].clone();
+    extra.issue.key = IssueKey::new(repo, 9);
+    FileStore::open(fixture.path("state"))
+        .unwrap()
+        .put(&extra)
+        .await
+        .unwrap();
+    fixture
+        .cli()
+        .args(["store", "copy", "--to", "postgres"])
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains("already holds 3 issue records"));
+    assert_eq!(store.list().await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_refused_login_exits_78_naming_the_key_without_the_password() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let fixture = Fixture::new();
+    use_database(
+        &fixture,
+        &db.url_as("no_such_user_cf", "hunter2"),
+        "postgres",
+    );
+    let out = fixture
+        .cli()
+        .args(["store", "migrate"])
+        .assert()
+        .code(78)
+        .get_output()
+        .clone();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("store.postgres.url"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    fixture
+        .cli()
+        .args(["config", "show"])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("hunter2").not());
+}
+
+#[tokio::test]
+async fn run_once_keeps_its_records_in_postgres() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let fixture = Fixture::new();
+    use_database(&fixture, db.url.expose(), "postgres");
+    fixture.workflow("echo working on $CLAUDE_FLOW_ISSUE_NUMBER");
+    for n in 1..=3 {
+        fixture.issue(n, &format!("issue {n}"), "body");
+    }
+    fixture
+        .cli()
+        .args(["run", "--once"])
+        .timeout(common::PATIENCE)
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("3 done"));
+    let store = PostgresStore::connect(&db.url, PostgresSettings::default())
+        .await
+        .unwrap();
+    let records = store.list().await.unwrap();
+    assert_eq!(records.len(), 3);
+    assert!(
+        records.iter().all(|r| r.status == IssueStatus::Done),
+        "{records:?}"
+    );
+    // Nothing went to the state directory's journal.
+    assert!(!fixture.path("state/state.jsonl").exists());
+}

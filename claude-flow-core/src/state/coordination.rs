@@ -1,0 +1,157 @@
+//! What several daemons sharing one store need from it, beside records:
+//! claims on ready issues, leases on running attempts, one leader, and
+//! wake-ups when work arrives.
+//!
+//! A store says what it guarantees with [`StateStore::guarantees`] and
+//! offers its own coordination with [`StateStore::coordination`]. A store
+//! without one (the file journal, the memory store, an embedder's store)
+//! serves one daemon: that daemon is always the leader and claims from its
+//! own schedule, and the store's lock (the file store's `flock`, exit 75)
+//! keeps a second daemon out.
+//!
+//! [`StateStore::guarantees`]: super::StateStore::guarantees
+//! [`StateStore::coordination`]: super::StateStore::coordination
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use crate::error::StoreError;
+use crate::record::IssueRecord;
+
+/// What a store promises, so that an embedder (and the engine) can tell
+/// whether several daemons may share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Guarantees {
+    /// Several daemons, on one host or many, may share the store: claims
+    /// keep each issue on one daemon at a time ([`Coordination`]).
+    pub shared: bool,
+    /// Only one process may open the store for writing; a second gets
+    /// [`StoreError::Locked`] (exit 75).
+    pub exclusive: bool,
+    /// An acknowledged write survives the process being killed.
+    pub durable: bool,
+    /// Idle daemons are woken when work arrives, instead of polling.
+    pub wakeups: bool,
+}
+
+impl Guarantees {
+    /// One daemon owns the store; writes survive its death.
+    pub const SINGLE_DAEMON: Self = Self {
+        shared: false,
+        exclusive: true,
+        durable: true,
+        wakeups: false,
+    };
+
+    /// Memory only: for tests.
+    pub const IN_MEMORY: Self = Self {
+        shared: false,
+        exclusive: true,
+        durable: false,
+        wakeups: false,
+    };
+
+    /// Several daemons share the store, each claiming work under a lease.
+    pub const SHARED: Self = Self {
+        shared: true,
+        exclusive: false,
+        durable: true,
+        wakeups: true,
+    };
+}
+
+/// A running attempt this daemon holds a lease on. Writes of the
+/// attempt's record go through [`Coordination::finish`], which refuses
+/// them once the lease has run out (fencing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The record as the claim left it: status `running`, the new attempt
+    /// last.
+    pub record: IssueRecord,
+    /// The daemon holding the claim (`service.node`).
+    pub node: String,
+    /// The claimed attempt's run id.
+    pub run_id: String,
+    /// Until when the claim holds without renewal. The store's clock
+    /// decides; this is what it said, for the holder to stop in time.
+    pub lease_until: SystemTime,
+}
+
+/// A daemon sharing the store, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// `service.node`.
+    pub node: String,
+    /// When it registered.
+    pub started_at: SystemTime,
+    /// Its last heartbeat.
+    pub heartbeat_at: SystemTime,
+}
+
+/// Changes a claimed record in the transaction that claims it (the
+/// engine's "begin an attempt").
+pub type Begin<'a> = &'a (dyn Fn(&mut IssueRecord) + Send + Sync);
+
+/// Claims, leases, leadership and wake-ups for daemons sharing a store.
+///
+/// The invariant: no issue ever has two attempts running at once. A claim
+/// and the attempt it records are one transaction; the holder renews its
+/// lease well within the lease (every third of it) and stops the workflow
+/// before the lease ends when it cannot; the leader turns every attempt
+/// whose lease ran out into an interrupted one, ready again.
+#[async_trait]
+pub trait Coordination: Send + Sync {
+    /// Claims up to `n` issues that are ready at `now` (queued, or retrying
+    /// and due), oldest first, skipping those another daemon is claiming at
+    /// this moment. Each claimed record is changed by `begin` (a new
+    /// running attempt) and stored with a lease for `node`, in one
+    /// transaction.
+    async fn claim(
+        &self,
+        node: &str,
+        n: usize,
+        now: SystemTime,
+        begin: Begin<'_>,
+    ) -> Result<Vec<Claim>, StoreError>;
+
+    /// Extends the leases of `claims` by a full lease from now. Returns
+    /// the claims still held, with their new ends; a claim missing from
+    /// the answer is lost (its lease ran out) and its workflow must stop.
+    async fn renew(&self, claims: &[Claim]) -> Result<Vec<Claim>, StoreError>;
+
+    /// Stores the attempt's record (its outcome) and gives up the claim,
+    /// only while the claim still holds: [`StoreError::LeaseLost`] when it
+    /// ran out.
+    async fn finish(&self, claim: &Claim, record: &IssueRecord) -> Result<(), StoreError>;
+
+    /// Takes every attempt whose lease ran out (its daemon died or lost the
+    /// database): each record is changed by `settle` (the attempt
+    /// interrupted, the issue queued again or failed) and its claim
+    /// dropped. Returns the records as stored.
+    async fn expire(&self, settle: Begin<'_>) -> Result<Vec<IssueRecord>, StoreError>;
+
+    /// Becomes the leader if no daemon is, or confirms that this one still
+    /// is. Only the leader polls the sources, sends reports and expires
+    /// leases. Leadership ends when the leader's connection ends, so a dead
+    /// leader is replaced within the lease.
+    async fn lead(&self, node: &str) -> Result<bool, StoreError>;
+
+    /// Gives up leadership (a graceful stop), so another daemon takes over
+    /// at once.
+    async fn resign(&self) -> Result<(), StoreError>;
+
+    /// Waits until work may have arrived (an issue became ready) or
+    /// `timeout` passed. Returns whether it was woken.
+    async fn wait_for_work(&self, timeout: Duration) -> Result<bool, StoreError>;
+
+    /// Records that `node` is alive now.
+    async fn heartbeat(&self, node: &str) -> Result<(), StoreError>;
+
+    /// Every daemon that has registered, with its last heartbeat.
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
+
+    /// How long a claim lasts without renewal.
+    fn lease(&self) -> Duration;
+}

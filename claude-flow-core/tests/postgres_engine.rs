@@ -1,0 +1,335 @@
+//! Several orchestrators on one PostgreSQL database
+//! (`CLAUDE_FLOW_TEST_POSTGRES`): one leads and runs the work, the others
+//! stand by, and one of them takes over when the leader stops.
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used)] // a panic in a test is a failed assertion
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use claude_flow_core::state::TestDb;
+use claude_flow_core::state::{PostgresSettings, PostgresStore};
+use claude_flow_core::{
+    ExitKind, FnRunner, Issue, IssueKey, IssueStatus, MemorySource, Orchestrator, RunOutcome,
+    Secret, Settings, StateStore, Summary,
+};
+use tokio_util::sync::CancellationToken;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn key(n: u64) -> IssueKey {
+    IssueKey::new("acme/app".parse().unwrap(), n)
+}
+
+fn issue(n: u64) -> Issue {
+    Issue::new(key(n), format!("issue {n}"))
+}
+
+/// Counts workflow runs across every daemon; fails the workflow that
+/// would make two run for one issue at once.
+#[derive(Default)]
+struct Running {
+    runs: AtomicUsize,
+    per_issue: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+fn runner(running: Arc<Running>) -> FnRunner {
+    FnRunner::new(move |job, _cancel| {
+        let running = Arc::clone(&running);
+        async move {
+            let n = job.issue.key.number;
+            assert!(
+                running.per_issue.lock().unwrap().insert(n),
+                "issue {n} runs twice at once"
+            );
+            running.runs.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            running.per_issue.lock().unwrap().remove(&n);
+            Ok(ended(ExitKind::Code(0)))
+        }
+    })
+}
+
+/// A workflow's end with nothing else to tell.
+fn ended(exit: ExitKind) -> RunOutcome {
+    RunOutcome {
+        exit,
+        pr_url: None,
+        log_path: None,
+        duration: Duration::ZERO,
+        retry_after: None,
+    }
+}
+
+struct Daemon {
+    orchestrator: Arc<Orchestrator>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<Summary, claude_flow_core::Error>>,
+}
+
+async fn start(
+    db: &TestDb,
+    node: &str,
+    source: Arc<MemorySource>,
+    running: Arc<Running>,
+) -> Daemon {
+    let settings = PostgresSettings {
+        lease: Duration::from_secs(2),
+        ..PostgresSettings::default()
+    };
+    let store = PostgresStore::connect(&db.url, settings).await.unwrap();
+    let orchestrator = Arc::new(
+        Orchestrator::builder()
+            .source(source)
+            .runner(Arc::new(runner(running)))
+            .store(Arc::new(store))
+            .settings(Settings {
+                poll_interval: Duration::from_millis(100),
+                shutdown_grace: Duration::from_secs(5),
+                node: node.to_owned(),
+                ..Settings::default()
+            })
+            .build()
+            .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
+    let task = tokio::spawn(async move { o.run(s).await });
+    Daemon {
+        orchestrator,
+        shutdown,
+        task,
+    }
+}
+
+async fn wait_done(store: &PostgresStore, numbers: std::ops::RangeInclusive<u64>) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let records = store.list().await.unwrap();
+        let done = numbers.clone().all(|n| {
+            records
+                .iter()
+                .any(|r| r.key() == &key(n) && r.status == IssueStatus::Done)
+        });
+        if done {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "issues {numbers:?} not all done: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_daemon_leads_the_others_stand_by_and_one_takes_over_when_it_stops() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let source = Arc::new(MemorySource::new((1..=5).map(issue)));
+    let running = Arc::new(Running::default());
+    let a = start(&db, "a", Arc::clone(&source), Arc::clone(&running)).await;
+    let b = start(&db, "b", Arc::clone(&source), Arc::clone(&running)).await;
+    let observer = PostgresStore::connect(&db.url, PostgresSettings::default())
+        .await
+        .unwrap();
+    wait_done(&observer, 1..=5).await;
+    assert_eq!(
+        running.runs.load(Ordering::SeqCst),
+        5,
+        "each issue ran once"
+    );
+
+    // Exactly one of them polled: the leader.
+    let polled: Vec<bool> = [&a, &b]
+        .iter()
+        .map(|d| d.orchestrator.status().last_poll.is_some())
+        .collect();
+    assert_eq!(polled.iter().filter(|p| **p).count(), 1, "{polled:?}");
+    let (leader, standby) = if polled[0] { (a, b) } else { (b, a) };
+
+    // The leader stops gracefully: it hands over, and the other daemon
+    // runs what comes next.
+    leader.shutdown.cancel();
+    leader.task.await.unwrap().unwrap();
+    for n in 6..=8 {
+        source.push(issue(n));
+    }
+    wait_done(&observer, 6..=8).await;
+    assert!(standby.orchestrator.status().last_poll.is_some());
+    assert_eq!(
+        running.runs.load(Ordering::SeqCst),
+        8,
+        "each issue ran once"
+    );
+    standby.shutdown.cancel();
+    standby.task.await.unwrap().unwrap();
+}
+
+/// A TCP proxy to the database that the test can cut: a cut holds every
+/// byte in both directions and keeps the sockets open, as a dead network
+/// does (nothing tells either side).
+struct Proxy {
+    port: u16,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (open, _) = tokio::sync::watch::channel(true);
+        let gate = open.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pipe(cr, sw, gate.subscribe()));
+                tokio::spawn(pipe(sr, cw, gate.subscribe()));
+            }
+        });
+        Self { port, open }
+    }
+
+    fn cut(&self) {
+        self.open.send_replace(false);
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut open: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while !*open.borrow_and_update() {
+            if open.changed().await.is_err() {
+                return;
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `url` with its host and port replaced by `127.0.0.1:port`.
+fn through(url: &str, port: u16) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (user, rest) = rest.split_once('@').unwrap();
+    let (host, db) = rest.split_once('/').unwrap();
+    (
+        host.to_owned(),
+        format!("{scheme}://{user}@127.0.0.1:{port}/{db}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_database_stops_its_workflow_before_another_runs_it() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let (upstream, _) = through(db.url.expose(), 0);
+    let proxy = Proxy::start(upstream).await;
+    let (_, via_proxy) = through(db.url.expose(), proxy.port);
+    let source = Arc::new(MemorySource::new([issue(1)]));
+
+    // What happened, in order, across both daemons.
+    let events = Arc::new(std::sync::Mutex::new(Vec::<&'static str>::new()));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let lease = Duration::from_secs(2);
+    let settings = PostgresSettings {
+        lease,
+        ..PostgresSettings::default()
+    };
+    let build = |store: PostgresStore, node: &str, runner: FnRunner| {
+        Arc::new(
+            Orchestrator::builder()
+                .source(Arc::clone(&source) as Arc<dyn claude_flow_core::IssueSource>)
+                .runner(Arc::new(runner))
+                .store(Arc::new(store))
+                .settings(Settings {
+                    poll_interval: Duration::from_millis(100),
+                    node: node.to_owned(),
+                    ..Settings::default()
+                })
+                .build()
+                .unwrap(),
+        )
+    };
+    // A's workflow runs until it is stopped.
+    let a_runner = {
+        let (events, started) = (Arc::clone(&events), Arc::clone(&started));
+        FnRunner::new(move |_job, cancel| {
+            let (events, started) = (Arc::clone(&events), Arc::clone(&started));
+            async move {
+                events.lock().unwrap().push("a started");
+                started.notify_one();
+                cancel.cancelled().await;
+                events.lock().unwrap().push("a stopped");
+                Ok(ended(ExitKind::Cancelled))
+            }
+        })
+    };
+    let b_runner = {
+        let events = Arc::clone(&events);
+        FnRunner::new(move |_job, _cancel| {
+            let events = Arc::clone(&events);
+            async move {
+                events.lock().unwrap().push("b ran");
+                Ok(ended(ExitKind::Code(0)))
+            }
+        })
+    };
+    let a_store = PostgresStore::connect(&Secret::new(via_proxy), settings.clone())
+        .await
+        .unwrap();
+    let a = build(a_store, "a", a_runner);
+    let a_task = {
+        let a = Arc::clone(&a);
+        tokio::spawn(async move { a.run(CancellationToken::new()).await })
+    };
+    tokio::time::timeout(PATIENCE, started.notified())
+        .await
+        .unwrap();
+
+    let b_store = PostgresStore::connect(&db.url, settings).await.unwrap();
+    let b = build(b_store, "b", b_runner);
+    let b_shutdown = CancellationToken::new();
+    let b_task = {
+        let (b, s) = (Arc::clone(&b), b_shutdown.clone());
+        tokio::spawn(async move { b.run(s).await })
+    };
+
+    proxy.cut();
+    let observer = PostgresStore::connect(&db.url, PostgresSettings::default())
+        .await
+        .unwrap();
+    wait_done(&observer, 1..=1).await;
+    assert_eq!(
+        *events.lock().unwrap(),
+        ["a started", "a stopped", "b ran"],
+        "the cut-off leader stopped its workflow before the other daemon ran the issue"
+    );
+    let record = observer.get(&key(1)).await.unwrap().unwrap();
+    assert_eq!(record.attempts.len(), 2);
+    assert_eq!(
+        record.attempts[0].outcome,
+        Some(claude_flow_core::AttemptOutcome::Interrupted)
+    );
+    b_shutdown.cancel();
+    b_task.await.unwrap().unwrap();
+    // A cannot record anything any more; it is left to its fate.
+    a_task.abort();
+}
