@@ -331,3 +331,22 @@ fn a_secret_the_workflow_prints_is_redacted_in_show_and_the_console() {
     handle.shutdown();
     rt.block_on(handle.wait()).unwrap();
 }
+
+#[test]
+fn escape_sequences_in_titles_and_logs_do_not_reach_the_terminal() {
+    let f = Fixture::new();
+    f.config(json!({"service": {"max_attempts": 1}}));
+    f.issue(1, "\u{1b}[31mRED\u{1b}[0m \u{1b}]0;pwned\u{7}", "");
+    f.workflow("printf 'fatal \\033[2J\\033]0;owned\\007 done\\n'; exit 1");
+    run(&f, &["run", "--once"]);
+    for args in [&["list"][..], &["show", "1"]] {
+        let out = run(&f, args);
+        assert!(
+            !out.contains('\u{1b}') && !out.contains('\u{7}'),
+            "{args:?} passes control characters: {out:?}"
+        );
+        assert!(out.contains("\\u{1b}[31mRED"), "{args:?}: {out}");
+    }
+    let show = run(&f, &["show", "1"]);
+    assert!(show.contains("fatal \\u{1b}[2J"), "{show}");
+}

@@ -31,8 +31,9 @@ pub fn check_directories(service: &ServiceConfig) -> Result<(), ConfigError> {
 }
 
 /// Checks every directory, then creates the missing ones (mode 0700: they
-/// hold issue text, logs and tokens). Nothing is created unless all of
-/// them pass.
+/// hold issue text, logs and tokens). Nothing is created unless every
+/// check passes; a creation that still fails (a read-only mount, which
+/// the permission check cannot see) may leave the ones made before it.
 pub fn prepare_directories(service: &ServiceConfig) -> Result<(), ConfigError> {
     use std::os::unix::fs::DirBuilderExt;
     check_directories(service)?;

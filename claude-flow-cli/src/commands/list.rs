@@ -84,7 +84,28 @@ async fn skipped(state: &ReadState<'_>, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Text from an issue, on one line.
+/// Text from an issue (attacker-controlled), on one line and harmless to
+/// a terminal: line breaks become spaces, other control characters
+/// (escape sequences that recolour, retitle or rewrite the screen) are
+/// shown as `\u{..}`.
 pub(super) fn one_line(text: &str) -> String {
-    text.replace(['\r', '\n'], " ")
+    text.chars()
+        .map(|c| match c {
+            '\r' | '\n' | '\t' => " ".to_owned(),
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// A line of workflow output for a terminal: control characters other
+/// than tab shown as `\u{..}`, as in [`one_line`].
+pub(super) fn terminal_safe(line: &str) -> String {
+    line.chars()
+        .map(|c| match c {
+            '\t' => "\t".to_owned(),
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }

@@ -5,7 +5,7 @@ use claude_flow_core::AttemptOutcome;
 use claude_flow_core::config::Config;
 use claude_flow_core::runner::log_tail;
 
-use super::list::one_line;
+use super::list::{one_line, terminal_safe};
 use super::{Failure, human, record, rfc3339};
 use crate::cli::IssueArg;
 use crate::out::{self, outln};
@@ -83,7 +83,7 @@ pub async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Fai
             if !tail.is_empty() {
                 outln!("    last lines of its log:")?;
                 for line in tail.lines() {
-                    outln!("    | {line}")?;
+                    outln!("    | {}", terminal_safe(line))?;
                 }
             }
         }

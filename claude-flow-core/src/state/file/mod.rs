@@ -85,21 +85,27 @@ impl FileStore {
             .map_err(io_err(&dir))?;
         let lock = lock_dir(&dir)?;
         let journal = dir.join(JOURNAL);
+        // A new journal appears whole (header written and synced, then
+        // renamed into place), so an empty one is never a fresh start: it
+        // was truncated, and starting over would run settled issues again.
+        if !journal.exists() {
+            let tmp = dir.join(format!("{JOURNAL}.new"));
+            replace_file(&dir, &tmp, &journal, format!("{HEADER}\n").as_bytes())?;
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
-            .create(true)
-            .mode(0o600)
             .open(&journal)
             .map_err(io_err(&journal))?;
-        // An empty journal holds nothing: it was created by an instance that
-        // died before writing its header.
-        let empty = file.metadata().map_err(io_err(&journal))?.len() == 0;
-        if empty {
-            file.write_all(format!("{HEADER}\n").as_bytes())
-                .and_then(|()| file.sync_all())
-                .map_err(io_err(&journal))?;
-            sync_dir(&dir)?;
+        if file.metadata().map_err(io_err(&journal))?.len() == 0 {
+            return Err(StoreError::Corrupt {
+                path: journal,
+                line: None,
+                message: "the file is empty, not even its header is there: it was truncated. \
+                          Restore it from a backup, or remove it to start with no state \
+                          (every issue still labeled then runs again)"
+                    .into(),
+            });
         }
         let mut loaded = load::read(&journal, &mut file)?;
         let mut note = None;

@@ -635,3 +635,24 @@ async fn a_line_lost_before_a_later_batch_is_an_error_naming_it() {
     }
     assert_eq!(fs::read_to_string(dir.path().join(JOURNAL)).unwrap(), text);
 }
+
+#[tokio::test]
+async fn a_truncated_empty_journal_is_an_error_not_a_fresh_start() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStore::open(dir.path()).unwrap();
+        store.put(&record(1, IssueStatus::Failed)).await.unwrap();
+    }
+    let journal = dir.path().join(JOURNAL);
+    fs::File::create(&journal).unwrap(); // truncated to 0 bytes
+    let err = FileStore::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("state.jsonl") && err.contains("truncated"),
+        "{err}"
+    );
+    assert_eq!(fs::metadata(&journal).unwrap().len(), 0, "nothing written");
+    // A state directory with no journal at all is a fresh start.
+    fs::remove_file(&journal).unwrap();
+    let store = FileStore::open(dir.path()).unwrap();
+    assert!(store.load().await.unwrap().is_empty());
+}
