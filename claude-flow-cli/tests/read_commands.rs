@@ -28,6 +28,18 @@ fn fail(f: &Fixture, args: &[&str]) -> (i32, String) {
     )
 }
 
+/// The service for `f` in a runtime of its own, so that the test's own
+/// thread can run the CLI beside it.
+fn service_beside(f: &Fixture) -> (tokio::runtime::Runtime, claude_flow_daemon::DaemonHandle) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = rt.block_on(start_service(f));
+    (rt, handle)
+}
+
 #[test]
 fn output_into_a_closed_pipe_ends_every_read_command_quietly() {
     let f = Fixture::new();
@@ -197,12 +209,7 @@ fn a_running_and_a_retrying_issue_as_status_list_and_logs_show_them() {
     f.issue(1, "Run long", "");
     f.issue(2, "Fail soon", "");
     f.workflow(WORKFLOW);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let handle = rt.block_on(start_service(&f));
+    let (rt, handle) = service_beside(&f);
     wait_for("issue 1 to start", || f.path("started").exists());
     wait_for("issue 2 to wait for its retry", || {
         f.list()
@@ -297,12 +304,7 @@ fn a_secret_the_workflow_prints_is_redacted_in_show_and_the_console() {
     f.workflow(&format!(
         "echo \"pushing with $GITHUB_TOKEN\"; echo \"found {SHAPED}\"; exit 1"
     ));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let handle = rt.block_on(start_service(&f));
+    let (rt, handle) = service_beside(&f);
     wait_for("issue 1 to fail", || {
         f.list()
             .iter()
