@@ -155,4 +155,15 @@ async fn run_once_keeps_its_records_in_postgres() {
     );
     // Nothing went to the state directory's journal.
     assert!(!fixture.path("state/state.jsonl").exists());
+    // The read commands read the database.
+    let list = tokio::task::spawn_blocking(move || {
+        let list = fixture.list();
+        let show = fixture.stdout(&["show", "2"]);
+        (list, show)
+    })
+    .await
+    .unwrap();
+    assert_eq!(list.0.len(), 3, "{:?}", list.0);
+    assert!(list.0.iter().all(|e| e["status"] == "done"), "{:?}", list.0);
+    assert!(list.1.contains("status:     done"), "{}", list.1);
 }

@@ -1,28 +1,45 @@
-//! The state directory as the read commands see it: opened without the
-//! lock (a running service may hold it), with errors that name
-//! `service.state_dir`.
+//! The state as the read commands see it: the state directory opened
+//! without the lock (a running service may hold it), with errors that name
+//! `service.state_dir`; or, with `store.kind: "postgres"`, the database
+//! the daemons share.
 
 use std::io::ErrorKind;
 
-use claude_flow_core::config::Config;
+use std::sync::Arc;
+
+use claude_flow_core::config::{Config, StoreKind};
 use claude_flow_core::{
     ConfigError, Error, FileStore, IssueKey, IssueRecord, ServiceState, StateStore, StoreError,
 };
 
 use super::Failure;
 
-/// The state directory, read-only.
-#[derive(Debug)]
+/// The state, read-only.
 pub struct ReadState<'a> {
     config: &'a Config,
-    store: FileStore,
+    store: Arc<dyn StateStore>,
+}
+
+impl std::fmt::Debug for ReadState<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadState")
+            .field("store", &self.config.store.kind)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> ReadState<'a> {
-    /// Opens `service.state_dir` for reading.
+    /// Opens the configured store for reading: `service.state_dir`'s
+    /// journal, or the database.
     pub fn open(config: &'a Config) -> Result<Self, Failure> {
-        let store = FileStore::open_read_only(&config.service.state_dir)
-            .map_err(|e| state_dir_failure(config, e))?;
+        let store: Arc<dyn StateStore> = match config.store.kind {
+            StoreKind::File => Arc::new(
+                FileStore::open_read_only(&config.service.state_dir)
+                    .map_err(|e| state_dir_failure(config, e))?,
+            ),
+            // Reads only: the database is the truth for every daemon.
+            StoreKind::Postgres => claude_flow_core::app::open_store(config)?,
+        };
         Ok(Self { config, store })
     }
 
