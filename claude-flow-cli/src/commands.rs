@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use clap::CommandFactory;
 use claude_flow_core::api::token::ApiToken;
 use claude_flow_core::api::{ApiClient, ApiError, Resumed};
-use claude_flow_core::config::Config;
+use claude_flow_core::config::{Config, StoreKind};
 use claude_flow_core::{
     Error, FileStore, IssueKey, IssueRecord, IssueStatus, StoreError, app, logging, ops, signals,
 };
@@ -207,16 +207,37 @@ async fn record(config: &Config, arg: &IssueArg) -> Result<IssueRecord, Failure>
 
 /// A failed call to a running service's API; an unreachable API is
 /// explained, since the service itself is known to be running.
-pub(crate) fn api_failure(pid: u32, e: ApiError) -> Failure {
-    match e {
-        ApiError::Unreachable { .. } => Failure {
+pub(crate) fn api_failure(pid: Option<u32>, e: ApiError) -> Failure {
+    match (e, pid) {
+        (e @ ApiError::Unreachable { .. }, Some(pid)) => Failure {
             message: format!(
                 "the service is running (pid {pid}) but does not answer: {e} \
                  (is service.listen the service's address? `claude-flow run` has no HTTP API)"
             ),
             code: 1,
         },
-        e => Error::from(e).into(),
+        (e @ ApiError::Unreachable { .. }, None) => Failure {
+            message: format!(
+                "no daemon answers at service.listen: {e} (with store.kind \"postgres\" the \
+                 daemons own the records, so changes go through a running daemon's HTTP API)"
+            ),
+            code: 1,
+        },
+        (e, _) => Error::from(e).into(),
+    }
+}
+
+/// The service to ask through its API, when one owns the state: the
+/// daemon holding the state directory (with its PID), or, with a shared
+/// database, the daemon at `service.listen` (the daemons own the records,
+/// which are never changed behind their back).
+pub(crate) fn owning_service(config: &Config) -> Option<Option<u32>> {
+    if config.service.listen.is_empty() {
+        return None;
+    }
+    match config.store.kind {
+        StoreKind::File => FileStore::lock_holder(&config.service.state_dir).map(Some),
+        StoreKind::Postgres => Some(None),
     }
 }
 
@@ -228,9 +249,7 @@ enum Change {
 async fn change(config: &Config, arg: &IssueArg, change: Change) -> Result<(), Failure> {
     let key = issue_key(config, arg)?;
     // A running service owns the state: ask it, through its API.
-    if let Some(pid) = FileStore::lock_holder(&config.service.state_dir)
-        && !config.service.listen.is_empty()
-    {
+    if let Some(pid) = owning_service(config) {
         let client = operator_client(config)?;
         let summary = match change {
             Change::Retry => client.retry(&key).await,
@@ -268,9 +287,7 @@ async fn change(config: &Config, arg: &IssueArg, change: Change) -> Result<(), F
 /// Ends a quota pause: through the running service's API when one runs,
 /// else in the state directory.
 async fn resume(config: &Config) -> Result<(), Failure> {
-    if let Some(pid) = FileStore::lock_holder(&config.service.state_dir)
-        && !config.service.listen.is_empty()
-    {
+    if let Some(pid) = owning_service(config) {
         let client = operator_client(config)?;
         let resumed = client.resume().await.map_err(|e| api_failure(pid, e))?;
         return outln!("{}", resumed.describe());
@@ -299,6 +316,12 @@ pub(crate) fn operator_client(config: &Config) -> Result<ApiClient, Failure> {
 /// The state store with its lock, for a change made with no service
 /// running; a running service without an HTTP API is named.
 pub(crate) fn open_for_writing(config: &Config) -> Result<FileStore, Failure> {
+    if config.store.kind == StoreKind::Postgres {
+        return Err(Failure::other(
+            "with store.kind \"postgres\" the daemons own the records: changes go through a \
+             running daemon's HTTP API, and service.listen is empty here",
+        ));
+    }
     match FileStore::open(&config.service.state_dir) {
         Ok(store) => Ok(store),
         Err(StoreError::Locked { pid, .. }) => Err(Failure {

@@ -6,7 +6,7 @@
 
 use std::time::SystemTime;
 
-use claude_flow_core::config::Config;
+use claude_flow_core::config::{Config, StoreKind};
 use claude_flow_core::retention::{self, Retention};
 use claude_flow_core::{FileStore, StateStore};
 
@@ -15,9 +15,7 @@ use crate::out::{self, outln};
 
 /// Runs the command.
 pub(crate) async fn run(config: &Config, dry_run: bool, json: bool) -> Result<(), Failure> {
-    let report = if let Some(pid) = FileStore::lock_holder(&config.service.state_dir)
-        && !config.service.listen.is_empty()
-    {
+    let report = if let Some(pid) = crate::commands::owning_service(config) {
         let client = operator_client(config)?;
         client
             .prune(dry_run)
@@ -26,7 +24,7 @@ pub(crate) async fn run(config: &Config, dry_run: bool, json: bool) -> Result<()
     } else {
         let retention = Retention::from_config(&config.service)
             .ok_or_else(|| Failure::other(retention::KEEP_ALL))?;
-        let store: Box<dyn StateStore> = if dry_run {
+        let store: Box<dyn StateStore> = if dry_run && config.store.kind == StoreKind::File {
             Box::new(
                 FileStore::open_read_only(&config.service.state_dir)
                     .map_err(|e| crate::commands::state::state_dir_failure(config, e))?,

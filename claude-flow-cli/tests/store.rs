@@ -159,6 +159,23 @@ async fn run_once_keeps_its_records_in_postgres() {
     let list = tokio::task::spawn_blocking(move || {
         let list = fixture.list();
         let show = fixture.stdout(&["show", "2"]);
+        // No daemon to ask (service.listen is empty): a change is refused
+        // rather than written where no daemon would see it.
+        for args in [
+            &["retry", "2"][..],
+            &["cancel", "2"],
+            &["resume"],
+            &["prune"],
+        ] {
+            let out = fixture.cli().args(args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains("the daemons own the records"),
+                "{args:?}: {stderr}"
+            );
+        }
+        assert!(!fixture.path("state/state.jsonl").exists());
         (list, show)
     })
     .await

@@ -187,7 +187,7 @@ pub async fn status(config: &Config, json: bool) -> Result<(), Failure> {
         }
     }
     match (daemon, holder) {
-        (Some(Err(e)), Some(pid)) => Err(api_failure(pid, e)),
+        (Some(Err(e)), Some(pid)) => Err(api_failure(Some(pid), e)),
         _ => Ok(()),
     }
 }
