@@ -199,7 +199,8 @@ fn issue_key(config: &Config, arg: &IssueArg) -> Result<IssueKey, Failure> {
 /// The record of the issue `arg` names, or an error saying it is unknown.
 async fn record(config: &Config, arg: &IssueArg) -> Result<IssueRecord, Failure> {
     let key = issue_key(config, arg)?;
-    ReadState::open(config)?
+    ReadState::open(config)
+        .await?
         .record(&key)
         .await?
         .ok_or_else(|| Failure::other(format!("{key} is not known to the state store")))

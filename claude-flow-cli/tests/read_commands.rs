@@ -301,34 +301,61 @@ fn a_secret_the_workflow_prints_is_redacted_in_show_and_the_console() {
         "service": {"listen": listen, "max_attempts": 1},
     }));
     f.issue(1, "Leaky", "");
+    f.issue(2, "Leaky, then long", "");
+    // Issue 2 then prints a line long enough that the last 64 KiB of its
+    // log start inside the token.
     f.workflow(&format!(
-        "echo \"pushing with $GITHUB_TOKEN\"; echo \"found {SHAPED}\"; exit 1"
+        "echo \"pushing with $GITHUB_TOKEN\"; echo \"found {SHAPED}\"; \
+         if [ \"$CLAUDE_FLOW_ISSUE_NUMBER\" = 2 ]; then head -c 65500 /dev/zero | tr '\\0' x; echo; fi; \
+         exit 1"
     ));
     let (rt, handle) = service_beside(&f);
-    wait_for("issue 1 to fail", || {
-        f.list()
-            .iter()
-            .any(|e| e["issue"] == "local/issues#1" && e["status"] == "failed")
+    wait_for("both issues to fail", || {
+        f.list().iter().filter(|e| e["status"] == "failed").count() == 2
     });
-    let show = run(&f, &["show", "1"]);
-    assert!(show.contains("pushing with [redacted]"), "{show}");
-    let get = |path: &str| {
+    let get = |path: &str, resume_at: Option<usize>| {
         rt.block_on(async {
-            reqwest::get(format!("http://{listen}{path}"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
+            let mut request = reqwest::Client::new().get(format!("http://{listen}{path}"));
+            if let Some(at) = resume_at {
+                request = request.header("Last-Event-ID", at.to_string());
+            }
+            request.send().await.unwrap().text().await.unwrap()
         })
     };
-    let page = get("/issues/local/issues/1");
+    let log = |n: u64| {
+        std::fs::read(f.path(&format!(
+            "state/logs/local__issues/issue-{n}/round-1-attempt-1.log"
+        )))
+        .unwrap()
+    };
+    let show = run(&f, &["show", "1"]);
+    assert!(show.contains("pushing with [redacted]"), "{show}");
+    let page = get("/issues/local/issues/1", None);
     assert!(page.contains("pushing with [redacted]"), "{page}");
-    let stream = get("/issues/local/issues/1/rounds/1/attempts/1/log");
+    let stream = get("/issues/local/issues/1/rounds/1/attempts/1/log", None);
     assert!(stream.contains("pushing with [redacted]"), "{stream}");
-    for (what, text) in [("show", &show), ("page", &page), ("log stream", &stream)] {
+    // A browser resuming (Last-Event-ID) at an offset inside the token.
+    let inside = log(1).windows(4).position(|w| w == b"ghp_").unwrap() + 1;
+    let resumed = get(
+        "/issues/local/issues/1/rounds/1/attempts/1/log",
+        Some(inside),
+    );
+    // Tails that begin inside the token (the last 64 KiB of issue 2's log).
+    let show_2 = run(&f, &["show", "2"]);
+    let page_2 = get("/issues/local/issues/2", None);
+    let stream_2 = get("/issues/local/issues/2/rounds/1/attempts/1/log", None);
+    assert!(log(2).len() > 64 * 1024);
+    for (what, text) in [
+        ("show", &show),
+        ("page", &page),
+        ("log stream", &stream),
+        ("resumed log stream", &resumed),
+        ("show of a long log", &show_2),
+        ("page of a long log", &page_2),
+        ("log stream of a long log", &stream_2),
+    ] {
         assert!(!text.contains(SECRET), "{what} shows the token: {text}");
-        assert!(!text.contains(SHAPED), "{what} shows a token: {text}");
+        assert!(!text.contains(&SHAPED[8..]), "{what} shows a token: {text}");
     }
     handle.shutdown();
     rt.block_on(handle.wait()).unwrap();

@@ -184,3 +184,35 @@ async fn run_once_keeps_its_records_in_postgres() {
     assert!(list.0.iter().all(|e| e["status"] == "done"), "{:?}", list.0);
     assert!(list.1.contains("status:     done"), "{}", list.1);
 }
+
+#[tokio::test]
+async fn reading_an_empty_database_changes_nothing() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let fixture = Fixture::new();
+    use_database(&fixture, db.url.expose(), "postgres");
+    let out = tokio::task::spawn_blocking(move || {
+        let out = fixture.cli().args(["list"]).output().unwrap();
+        (out, fixture)
+    })
+    .await
+    .unwrap();
+    let (out, fixture) = out;
+    assert!(
+        !out.status.success(),
+        "list of a database with no schema succeeded"
+    );
+    // Neither a schema (a newer CLI would upgrade it under running
+    // daemons) nor a state directory.
+    assert!(!fixture.path("state").exists());
+    let tables = std::process::Command::new("psql")
+        .arg(db.url.expose())
+        .args([
+            "-tAc",
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'claude_flow%'",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&tables.stdout).trim(), "0");
+}

@@ -12,7 +12,7 @@ use crate::out::{self, outln};
 
 /// `claude-flow list`.
 pub async fn list(config: &Config, args: &ListArgs) -> Result<(), Failure> {
-    let state = ReadState::open(config)?;
+    let state = ReadState::open(config).await?;
     if args.skipped {
         return skipped(&state, args.json.json).await;
     }

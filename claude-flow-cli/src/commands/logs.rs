@@ -50,7 +50,7 @@ pub async fn logs(config: &Config, args: LogsArgs<'_>) -> Result<(), Failure> {
         return Ok(());
     }
     let key = r.key().clone();
-    let state = ReadState::open(config)?;
+    let state = ReadState::open(config).await?;
     loop {
         let running = state
             .record(&key)

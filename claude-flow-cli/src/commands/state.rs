@@ -31,14 +31,16 @@ impl std::fmt::Debug for ReadState<'_> {
 impl<'a> ReadState<'a> {
     /// Opens the configured store for reading: `service.state_dir`'s
     /// journal, or the database.
-    pub fn open(config: &'a Config) -> Result<Self, Failure> {
+    pub async fn open(config: &'a Config) -> Result<Self, Failure> {
         let store: Arc<dyn StateStore> = match config.store.kind {
             StoreKind::File => Arc::new(
                 FileStore::open_read_only(&config.service.state_dir)
                     .map_err(|e| state_dir_failure(config, e))?,
             ),
-            // Reads only: the database is the truth for every daemon.
-            StoreKind::Postgres => claude_flow_core::app::open_store(config)?,
+            // Reads only, creating nothing: no schema upgrade under running
+            // daemons (a schema other than this binary's is refused), no
+            // state directory.
+            StoreKind::Postgres => Arc::new(read_database(config).await?),
         };
         Ok(Self { config, store })
     }
@@ -67,6 +69,13 @@ impl<'a> ReadState<'a> {
             .await
             .map_err(|e| state_dir_failure(self.config, e))
     }
+}
+
+async fn read_database(config: &Config) -> Result<claude_flow_core::state::PostgresStore, Failure> {
+    use claude_flow_core::state::{PostgresSettings, PostgresStore};
+    let url = config.postgres_url().map_err(Error::from)?;
+    let settings = PostgresSettings::from_config(&config.store.postgres);
+    Ok(PostgresStore::connect_current(&url, settings).await?)
 }
 
 /// A state directory that cannot be read, said in terms of the setting: a

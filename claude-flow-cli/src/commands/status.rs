@@ -127,11 +127,20 @@ impl Activity {
 
 /// `claude-flow status [--json]`.
 pub async fn status(config: &Config, json: bool) -> Result<(), Failure> {
-    let state = ReadState::open(config)?;
+    let state = ReadState::open(config).await?;
     let records = state.records().await?;
     let holder = FileStore::lock_holder(&config.service.state_dir);
+    // With a shared database no daemon holds the state directory: the one
+    // at service.listen, if any, is asked.
+    let shared = config.store.kind == claude_flow_core::config::StoreKind::Postgres;
     // The running service's own view, when it has an HTTP API.
     let daemon = match holder {
+        _ if shared && !config.service.listen.is_empty() => {
+            Some(match ApiClient::for_listen(&config.service.listen) {
+                Ok(client) => client.health().await,
+                Err(e) => Err(e),
+            })
+        }
         Some(_) if !config.service.listen.is_empty() => {
             Some(match ApiClient::for_listen(&config.service.listen) {
                 Ok(client) => client.health().await,
@@ -159,16 +168,21 @@ pub async fn status(config: &Config, json: bool) -> Result<(), Failure> {
         if let serde_json::Value::Object(fields) = &mut out {
             fields.insert(
                 "service".into(),
-                json!({ "running": holder.is_some(), "pid": holder, "health": health }),
+                json!({
+                    "running": holder.is_some() || matches!(daemon, Some(Ok(_))),
+                    "pid": holder,
+                    "health": health,
+                }),
             );
             fields.insert("state_dir".into(), json!(config.service.state_dir));
             fields.insert("issues".into(), json!(counts));
         }
         out::json(&out)?;
     } else {
-        match holder {
-            Some(pid) => outln!("service: running (pid {pid})")?,
-            None => outln!("service: not running")?,
+        match (holder, &daemon) {
+            (Some(pid), _) => outln!("service: running (pid {pid})")?,
+            (None, Some(Ok(_))) => outln!("service: running (at {})", config.service.listen)?,
+            (None, _) => outln!("service: not running")?,
         }
         match &daemon {
             Some(Ok(health)) => print_health(health)?,

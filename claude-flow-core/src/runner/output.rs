@@ -147,6 +147,15 @@ pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
     if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_end(&mut bytes).is_err() {
         return String::new();
     }
+    // Read from the middle of the file, the first line is a fragment (a
+    // secret cut in half would slip past redaction): it is dropped.
+    if start > 0 {
+        let first_break = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(bytes.len(), |i| i + 1);
+        bytes.drain(..first_break);
+    }
     let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")

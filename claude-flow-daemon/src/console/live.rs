@@ -53,6 +53,10 @@ impl Follow {
 struct Reader {
     follow: Follow,
     offset: Option<u64>,
+    /// Whether `offset` is one of this stream's own (always at a cut the
+    /// reader chose) rather than the browser's `Last-Event-ID`, which may
+    /// point anywhere.
+    trusted: bool,
     done: bool,
 }
 
@@ -60,6 +64,7 @@ struct Reader {
 pub(super) fn stream(follow: Follow) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let reader = Reader {
         offset: follow.resume_at,
+        trusted: follow.resume_at.is_none(),
         follow,
         done: false,
     };
@@ -71,7 +76,8 @@ pub(super) fn stream(follow: Follow) -> Sse<impl Stream<Item = Result<Event, Inf
             // Asked before reading, so that lines written just before the
             // end are read after it is seen.
             let over = reader.follow.ended.is_some() || !reader.follow.running();
-            match read_new(&reader.follow, &mut reader.offset, over).await {
+            let trusted = std::mem::replace(&mut reader.trusted, true);
+            match read_new(&reader.follow, &mut reader.offset, trusted, over).await {
                 Some(event) => return Some((Ok(event), reader)),
                 None if over => {
                     reader.done = true;
@@ -93,13 +99,27 @@ pub(super) fn stream(follow: Follow) -> Sse<impl Stream<Item = Result<Event, Inf
 /// `over` (then the rest). The first read starts at most [`FIRST`] bytes
 /// before the end, at a line's start. `None` when there is nothing new
 /// (or no log yet).
-async fn read_new(follow: &Follow, offset: &mut Option<u64>, over: bool) -> Option<Event> {
+async fn read_new(
+    follow: &Follow,
+    offset: &mut Option<u64>,
+    trusted: bool,
+    over: bool,
+) -> Option<Event> {
     let mut file = tokio::fs::File::open(&follow.path).await.ok()?;
     let len = file.metadata().await.ok()?.len();
-    let (from, skip_partial) = match *offset {
+    let (from, mut skip_partial) = match *offset {
         Some(at) => (at.min(len), false),
         None => (len.saturating_sub(FIRST), len > FIRST),
     };
+    // An offset the browser sent back may point into a line, even into a
+    // secret, whose tail redaction would not recognise: such a read
+    // starts at the next line.
+    if !trusted && from > 0 && from < len {
+        let mut before = [0u8; 1];
+        file.seek(std::io::SeekFrom::Start(from - 1)).await.ok()?;
+        file.read_exact(&mut before).await.ok()?;
+        skip_partial = before[0] != b'\n';
+    }
     if from >= len {
         *offset = Some(len);
         return None;
@@ -109,11 +129,27 @@ async fn read_new(follow: &Follow, offset: &mut Option<u64>, over: bool) -> Opti
     file.read_exact(&mut bytes).await.ok()?;
     let mut start = 0;
     if skip_partial {
-        start = bytes.iter().position(|b| *b == b'\n').map_or(0, |i| i + 1);
+        start = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(bytes.len(), |i| i + 1);
     }
-    let whole = (from + bytes.len() as u64 == len && over) || bytes.len() == CHUNK;
+    let whole = from + bytes.len() as u64 == len && over;
     let end = if whole {
         bytes.len()
+    } else if bytes.len() == CHUNK {
+        // A full piece is cut after its last line, or inside an overlong
+        // line after a character no token has, so that a secret is never
+        // split between two events (each is redacted on its own).
+        bytes
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .or_else(|| {
+                bytes
+                    .iter()
+                    .rposition(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')))
+            })
+            .map_or(bytes.len(), |i| i + 1)
     } else {
         match bytes.iter().rposition(|b| *b == b'\n') {
             Some(i) => i + 1,
