@@ -210,10 +210,23 @@ pub(super) fn read_only(path: &Path) -> Result<HashMap<IssueKey, IssueRecord>, S
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
         Err(e) => return Err(io_err(path)(e)),
     };
-    // Created but not yet given its header (a service starting right now,
-    // or one killed at that instant): nothing stored yet.
+    // A journal appears whole (renamed into place with its header), so an
+    // empty one was truncated: said as the writer says it.
     if file.metadata().map_err(io_err(path))?.len() == 0 {
-        return Ok(HashMap::new());
+        return Err(truncated(path));
     }
     Ok(read(path, &mut file)?.records)
+}
+
+/// An empty journal: never a fresh start, which would run settled issues
+/// again.
+pub(super) fn truncated(path: &Path) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_owned(),
+        line: None,
+        message: "the file is empty, not even its header is there: it was truncated. \
+                  Restore it from a backup, or remove it to start with no state \
+                  (every issue still labeled then runs again)"
+            .into(),
+    }
 }

@@ -98,14 +98,7 @@ impl FileStore {
             .open(&journal)
             .map_err(io_err(&journal))?;
         if file.metadata().map_err(io_err(&journal))?.len() == 0 {
-            return Err(StoreError::Corrupt {
-                path: journal,
-                line: None,
-                message: "the file is empty, not even its header is there: it was truncated. \
-                          Restore it from a backup, or remove it to start with no state \
-                          (every issue still labeled then runs again)"
-                    .into(),
-            });
+            return Err(load::truncated(&journal));
         }
         let mut loaded = load::read(&journal, &mut file)?;
         let mut note = None;
