@@ -76,9 +76,14 @@ pub(super) fn stream(follow: Follow) -> Sse<impl Stream<Item = Result<Event, Inf
             // Asked before reading, so that lines written just before the
             // end are read after it is seen.
             let over = reader.follow.ended.is_some() || !reader.follow.running();
-            let trusted = std::mem::replace(&mut reader.trusted, true);
-            match read_new(&reader.follow, &mut reader.offset, trusted, over).await {
-                Some(event) => return Some((Ok(event), reader)),
+            // Only an offset this stream sent from is trusted: until then
+            // (the browser's, or the end of a log it had not sent) every
+            // read is aligned to a line again.
+            match read_new(&reader.follow, &mut reader.offset, reader.trusted, over).await {
+                Some(event) => {
+                    reader.trusted = true;
+                    return Some((Ok(event), reader));
+                }
                 None if over => {
                     reader.done = true;
                     let how = reader
