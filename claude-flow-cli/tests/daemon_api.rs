@@ -68,15 +68,10 @@ async fn status_and_cancel_go_through_the_running_service() {
     );
     assert_eq!(mode & 0o777, 0o600);
     // Without it, the API refuses.
-    let refused = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("http://{listen}/api/issues/local/issues/1/cancel"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status().as_u16(), 401);
+    assert_eq!(
+        common::post_without_token(&listen, "/api/issues/local/issues/1/cancel").await,
+        401
+    );
 
     let mut cancel = f.cli_process(&["cancel", "1"]);
     let out = tokio::task::spawn_blocking(move || cancel.output())

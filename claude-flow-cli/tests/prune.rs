@@ -209,15 +209,7 @@ async fn the_service_prunes_by_itself_and_prune_goes_through_it() {
     .unwrap();
 
     // Like every action of the API, it needs the token.
-    let refused = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("http://{listen}/api/prune"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status().as_u16(), 401);
+    assert_eq!(common::post_without_token(&listen, "/api/prune").await, 401);
     assert!(has_files(&f, 3));
 
     let dry = stdout(&cli(&f, &["prune", "--dry-run"]).await);

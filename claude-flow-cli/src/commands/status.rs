@@ -130,24 +130,14 @@ pub async fn status(config: &Config, json: bool) -> Result<(), Failure> {
     let state = ReadState::open(config).await?;
     let records = state.records().await?;
     let holder = FileStore::lock_holder(&config.service.state_dir);
-    // With a shared database no daemon holds the state directory: the one
-    // at service.listen, if any, is asked.
-    let shared = config.store.kind == claude_flow_core::config::StoreKind::Postgres;
-    // The running service's own view, when it has an HTTP API.
-    let daemon = match holder {
-        _ if shared && !config.service.listen.is_empty() => {
-            Some(match ApiClient::for_listen(&config.service.listen) {
-                Ok(client) => client.health().await,
-                Err(e) => Err(e),
-            })
-        }
-        Some(_) if !config.service.listen.is_empty() => {
-            Some(match ApiClient::for_listen(&config.service.listen) {
-                Ok(client) => client.health().await,
-                Err(e) => Err(e),
-            })
-        }
-        _ => None,
+    // The running service's own view, when it has an HTTP API (with a
+    // shared database, the daemon at service.listen).
+    let daemon = match super::owning_service(config) {
+        Some(_) => Some(match ApiClient::for_listen(&config.service.listen) {
+            Ok(client) => client.health().await,
+            Err(e) => Err(e),
+        }),
+        None => None,
     };
     let activity = match &daemon {
         Some(Ok(health)) => Activity::of_health(health),

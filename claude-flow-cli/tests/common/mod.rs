@@ -256,3 +256,17 @@ pub fn read_until(out: &mut impl std::io::Read, seen: &mut Vec<u8>, text: &str) 
         seen.extend_from_slice(&buf[..n]);
     }
 }
+
+/// The HTTP status of `POST http://<listen><path>` without the API token.
+pub async fn post_without_token(listen: &str, path: &str) -> u16 {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("HTTP client")
+        .post(format!("http://{listen}{path}"))
+        .send()
+        .await
+        .expect("the service answers")
+        .status()
+        .as_u16()
+}
