@@ -101,6 +101,7 @@ async fn run_issue(store: &FileStore, n: u64, body_len: usize) -> usize {
             signal: None,
             log_path: Some(format!("/var/lib/claude-flow/logs/acme/app/{n}/1-{number}.log").into()),
             pr_url: None,
+            node: None,
         });
         r.updated_at = now;
         store.put(&r).await.unwrap();

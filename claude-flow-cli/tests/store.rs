@@ -58,13 +58,13 @@ async fn migrate_then_copy_a_file_store_in_once() {
         .args(["store", "migrate"])
         .assert()
         .success()
-        .stdout("schema created (version 1)\n");
+        .stdout("schema created (version 2)\n");
     fixture
         .cli()
         .args(["store", "migrate"])
         .assert()
         .success()
-        .stdout("the schema is up to date (version 1)\n");
+        .stdout("the schema is up to date (version 2)\n");
 
     fixture
         .cli()

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::issue::IssueKey;
 use crate::issue_source::SkippedTrigger;
-use crate::orchestrator::{PollResult, RunningAttempt};
+use crate::orchestrator::{PollResult, Role, RunningAttempt};
 use crate::record::IssueSummary;
 use crate::retention::PruneReport;
 use crate::secret::Secret;
@@ -60,6 +60,31 @@ pub struct Health {
     pub pause_reason: Option<String>,
     /// A graceful stop is under way.
     pub stopping: bool,
+    /// With a store several daemons share: this daemon's part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// With a store several daemons share: this daemon's `service.node`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// With a store several daemons share: every daemon, with its last
+    /// heartbeat and the attempts it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One daemon among several sharing a store, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Its `service.node`.
+    pub node: String,
+    /// When it first registered.
+    #[serde(with = "humantime_serde")]
+    pub started_at: SystemTime,
+    /// Its last sign of life.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_at: SystemTime,
+    /// The attempts it runs.
+    pub running: Vec<RunningAttempt>,
 }
 
 impl Health {

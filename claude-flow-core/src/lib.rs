@@ -30,7 +30,7 @@ pub use issue_source::{
     SkippedTrigger, StartReport, SuccessReport,
 };
 pub use orchestrator::{
-    Orchestrator, OrchestratorBuilder, PollResult, RunningAttempt, Settings, Status, Summary,
+    Orchestrator, OrchestratorBuilder, PollResult, Role, RunningAttempt, Settings, Status, Summary,
 };
 pub use record::{
     Attempt, AttemptOutcome, IssueRecord, IssueStatus, IssueSummary, Reports, ServiceState, Shown,

@@ -141,6 +141,10 @@ pub struct Attempt {
     /// The pull request URL found in this attempt's output.
     #[serde(default)]
     pub pr_url: Option<String>,
+    /// The daemon that ran it (`service.node`), with a store several
+    /// daemons share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Attempt {
@@ -158,6 +162,7 @@ impl Attempt {
             signal: None,
             log_path: None,
             pr_url: None,
+            node: None,
         }
     }
 
@@ -419,6 +424,33 @@ impl IssueRecord {
         changed
     }
 
+    /// With several daemons, the leader owns what the source was brought to
+    /// show and what the source says of the issue (`reports`, `issue`,
+    /// `edited_since_approval`), while the daemon running an attempt owns
+    /// the rest. Takes the leader-owned part of `from` when both are of the
+    /// same round; returns whether anything changed.
+    pub fn take_leader_fields(&mut self, from: &IssueRecord) -> bool {
+        if self.round != from.round
+            || (self.reports == from.reports
+                && self.issue == from.issue
+                && self.edited_since_approval == from.edited_since_approval)
+        {
+            return false;
+        }
+        self.reports = from.reports.clone();
+        self.issue = from.issue.clone();
+        self.edited_since_approval = from.edited_since_approval;
+        true
+    }
+
+    /// Whether this record has moved on past `other`: a later round, or
+    /// more attempts in the same one. A write made from `other` would take
+    /// that progress back.
+    pub fn is_ahead_of(&self, other: &IssueRecord) -> bool {
+        self.round > other.round
+            || (self.round == other.round && self.attempts.len() > other.attempts.len())
+    }
+
     /// Starts a new round: the issue is queued again with a fresh retry
     /// budget and nothing reported yet. History is kept.
     pub fn start_new_round(&mut self) {
@@ -559,6 +591,7 @@ mod tests {
             signal: None,
             log_path: None,
             pr_url: None,
+            node: None,
         }
     }
 

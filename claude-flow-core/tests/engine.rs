@@ -259,6 +259,7 @@ fn interrupted_attempt(number: u32, round: u32) -> Attempt {
         signal: None,
         log_path: None,
         pr_url: None,
+        node: None,
     }
 }
 

@@ -193,6 +193,7 @@ async fn an_attempt_running_at_a_crash_is_abandoned_then_run_again_uncounted() {
         signal: None,
         log_path: None,
         pr_url: None,
+        node: None,
     });
     let store = Arc::new(MemoryStore::with_records([record]));
     let mut runner = MockWorkflowRunner::new();

@@ -1,6 +1,7 @@
 //! Several orchestrators on one PostgreSQL database
-//! (`CLAUDE_FLOW_TEST_POSTGRES`): one leads and runs the work, the others
-//! stand by, and one of them takes over when the leader stops.
+//! (`CLAUDE_FLOW_TEST_POSTGRES`): one leads (polls and reports), every one
+//! claims and runs workflows, and another takes over leading when the
+//! leader stops.
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used)] // a panic in a test is a failed assertion
 
@@ -166,6 +167,85 @@ async fn one_daemon_leads_the_others_stand_by_and_one_takes_over_when_it_stops()
     );
     standby.shutdown.cancel();
     standby.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_daemon_claims_and_runs_workflows_not_only_the_leader() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // Each daemon runs one workflow at a time, and each workflow holds its
+    // slot until workflows run on both daemons at once: the issues can
+    // only get done if the follower runs work too.
+    let source = Arc::new(MemorySource::new((1..=4).map(issue)));
+    let busy = Arc::new(tokio::sync::watch::channel(std::collections::BTreeSet::<String>::new()).0);
+    let ran_on = Arc::new(std::sync::Mutex::new(Vec::<(u64, String)>::new()));
+    let mut daemons = Vec::new();
+    for node in ["a", "b"] {
+        let (busy, ran_on) = (Arc::clone(&busy), Arc::clone(&ran_on));
+        let runner = FnRunner::new(move |job, _cancel| {
+            let (busy, ran_on) = (Arc::clone(&busy), Arc::clone(&ran_on));
+            async move {
+                busy.send_modify(|b| {
+                    b.insert(node.to_owned());
+                });
+                let mut seen = busy.subscribe();
+                let _ = tokio::time::timeout(PATIENCE, seen.wait_for(|b| b.len() == 2)).await;
+                ran_on
+                    .lock()
+                    .unwrap()
+                    .push((job.issue.key.number, node.to_owned()));
+                Ok(ended(ExitKind::Code(0)))
+            }
+        });
+        let store = PostgresStore::connect(
+            &db.url,
+            PostgresSettings {
+                lease: Duration::from_secs(2),
+                ..PostgresSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+        let orchestrator = Arc::new(
+            Orchestrator::builder()
+                .source(Arc::clone(&source) as Arc<dyn claude_flow_core::IssueSource>)
+                .runner(Arc::new(runner))
+                .store(Arc::new(store))
+                .settings(Settings {
+                    poll_interval: Duration::from_millis(100),
+                    max_concurrent: 1,
+                    node: node.to_owned(),
+                    ..Settings::default()
+                })
+                .build()
+                .unwrap(),
+        );
+        let shutdown = CancellationToken::new();
+        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
+        daemons.push((shutdown, tokio::spawn(async move { o.run(s).await })));
+    }
+    let observer = PostgresStore::connect(&db.url, PostgresSettings::default())
+        .await
+        .unwrap();
+    wait_done(&observer, 1..=4).await;
+    let ran_on = ran_on.lock().unwrap().clone();
+    assert_eq!(ran_on.len(), 4, "each issue ran once: {ran_on:?}");
+    for node in ["a", "b"] {
+        assert!(
+            ran_on.iter().any(|(_, n)| n == node),
+            "{node} ran nothing: {ran_on:?}"
+        );
+    }
+    // Each attempt names the daemon that ran it.
+    for (n, node) in &ran_on {
+        let record = observer.get(&key(*n)).await.unwrap().unwrap();
+        assert_eq!(record.attempts[0].node.as_deref(), Some(node.as_str()));
+    }
+    for (shutdown, task) in daemons {
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    }
 }
 
 /// A TCP proxy to the database that the test can cut: a cut holds every

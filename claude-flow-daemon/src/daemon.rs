@@ -220,7 +220,9 @@ async fn tell_systemd(
                 }
                 let now = status.borrow_and_update().clone();
                 // A daemon standing by is up: it takes over when it must.
-                if !ready && (now.last_poll.is_some() || now.standby.is_some()) {
+                if !ready
+                    && (now.last_poll.is_some() || now.standby.is_some() || now.role.is_some())
+                {
                     notifier.ready();
                     ready = true;
                 }

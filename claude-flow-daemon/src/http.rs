@@ -85,11 +85,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use claude_flow_core::api::token::ApiToken;
-use claude_flow_core::api::{ErrorBody, Health};
+use claude_flow_core::api::{ErrorBody, Health, NodeStatus};
 use claude_flow_core::config::Config;
 use claude_flow_core::issue_source::{WebhookEvent, parse_github_webhook};
 use claude_flow_core::{
-    Error, IssueKey, IssueRecord, IssueSummary, Orchestrator, RepoId, Secret, StateStore, Status,
+    Error, IssueKey, IssueRecord, IssueSummary, Orchestrator, RepoId, Role, RunningAttempt, Secret,
+    StateStore, Status,
 };
 use hmac::{Hmac, KeyInit, Mac};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
@@ -667,12 +668,16 @@ pub fn health(
     let stale_after = poll_interval.saturating_mul(3).max(STALE_FLOOR);
     let last_end = status.last_poll.as_ref().map_or(since, |p| p.at);
     let quiet = now.duration_since(last_end).unwrap_or_default();
+    // A follower does not poll: the leader's polls are the leader's health.
+    let follower = status.role == Some(Role::Follower);
     let reason = if status.stopping {
         Some("stopping: no new work; waiting for running workflows".to_owned())
     } else if let Some(why) = &status.standby {
         Some(why.clone())
     } else if let Some(why) = &status.workflow_unavailable {
         Some(format!("no workflow can start: {why}"))
+    } else if follower {
+        None
     } else if status.consecutive_poll_failures >= FAILED_POLLS_UNHEALTHY {
         let error = status
             .last_poll
@@ -710,13 +715,70 @@ pub fn health(
         paused_until: status.paused_until,
         pause_reason: status.pause_reason.clone(),
         stopping: status.stopping,
+        role: status.role,
+        node: None,
+        nodes: Vec::new(),
     }
+}
+
+/// How long `/healthz` waits for the database's list of daemons before
+/// answering without it.
+const NODES_WAIT: Duration = Duration::from_secs(2);
+
+/// Every daemon sharing the store, with the attempts each runs; nothing
+/// when the store is one daemon's, or does not answer in time.
+async fn nodes(store: &dyn StateStore) -> Vec<NodeStatus> {
+    let Some(coordination) = store.coordination() else {
+        return Vec::new();
+    };
+    let listed = async {
+        let nodes = coordination.nodes().await.ok()?;
+        let records = store.list().await.ok()?;
+        Some(
+            nodes
+                .into_iter()
+                .map(|n| NodeStatus {
+                    running: n
+                        .running
+                        .iter()
+                        .filter_map(|key| records.iter().find(|r| r.key() == key))
+                        .filter_map(|r| {
+                            let attempt = r.last_attempt()?;
+                            Some(RunningAttempt {
+                                issue: r.key().clone(),
+                                round: r.round,
+                                attempt: attempt.number,
+                                started_at: attempt.started_at,
+                            })
+                        })
+                        .collect(),
+                    node: n.node,
+                    started_at: n.started_at,
+                    heartbeat_at: n.heartbeat_at,
+                })
+                .collect(),
+        )
+    };
+    tokio::time::timeout(NODES_WAIT, listed)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 async fn healthz(State(state): State<HttpState>) -> Response {
     let status = state.orchestrator.status();
-    let interval = state.orchestrator.settings().poll_interval;
-    let body = health(&status, interval, state.since, SystemTime::now());
+    let settings = state.orchestrator.settings();
+    let mut body = health(
+        &status,
+        settings.poll_interval,
+        state.since,
+        SystemTime::now(),
+    );
+    if status.role.is_some() {
+        body.node = Some(settings.node);
+        body.nodes = nodes(&*state.store).await;
+    }
     let code = if body.is_ok() {
         StatusCode::OK
     } else {

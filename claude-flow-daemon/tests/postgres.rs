@@ -1,6 +1,7 @@
 //! The daemon binary with `store.kind: "postgres"`: it starts while the
-//! database is down and says so on `/healthz`; beside a leader, it stands
-//! by and says that.
+//! database is down and says so on `/healthz`; beside a leader, it follows
+//! (runs workflows, healthy) and says that, and `/healthz` lists every
+//! daemon.
 
 #![allow(clippy::unwrap_used)] // a panic in a test is a failed assertion
 
@@ -70,6 +71,13 @@ fn daemon(root: &Path) -> Running {
 
 /// Waits until `/healthz` answers `code` with a reason containing `text`.
 fn wait_health(listen: &str, code: u16, text: &str) -> serde_json::Value {
+    wait_until(listen, |status, body| {
+        status == code && body["reason"].as_str().unwrap_or_default().contains(text)
+    })
+}
+
+/// Waits until `/healthz`'s answer pleases `wanted`; returns its body.
+fn wait_until(listen: &str, wanted: impl Fn(u16, &serde_json::Value) -> bool) -> serde_json::Value {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -87,13 +95,12 @@ fn wait_health(listen: &str, code: u16, text: &str) -> serde_json::Value {
             Some((status, response.json::<serde_json::Value>().await.ok()?))
         });
         if let Some((status, body)) = answer {
-            let reason = body["reason"].as_str().unwrap_or_default();
-            if status == code && reason.contains(text) {
+            if wanted(status, &body) {
                 return body;
             }
             assert!(
                 start.elapsed() < PATIENCE,
-                "timed out waiting for {code} with {text:?}; last: {status} {body}"
+                "timed out waiting; last: {status} {body}"
             );
         }
         assert!(start.elapsed() < PATIENCE, "no answer from {listen}");
@@ -115,7 +122,7 @@ fn a_daemon_started_while_the_database_is_down_keeps_trying_and_says_so() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_daemon_stands_by_while_the_first_leads() {
+async fn a_second_daemon_follows_the_first_and_both_are_listed() {
     let Some(db) = TestDb::create().await else {
         return;
     };
@@ -126,7 +133,23 @@ async fn a_second_daemon_stands_by_while_the_first_leads() {
         wait_health(&first.listen, 200, "");
         let second = setup(&url, "second");
         let _b = daemon(&second.root);
-        wait_health(&second.listen, 503, "standing by: another daemon leads");
+        // A follower runs workflows: it is healthy, and says it follows.
+        let body = wait_until(&second.listen, |code, body| {
+            code == 200
+                && body["role"] == "follower"
+                && body["nodes"].as_array().is_some_and(|n| n.len() == 2)
+        });
+        assert_eq!(body["node"], "second", "{body}");
+        let first_body = wait_until(&first.listen, |code, body| {
+            code == 200 && body["role"] == "leader"
+        });
+        let nodes: Vec<&str> = first_body["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node"].as_str().unwrap())
+            .collect();
+        assert_eq!(nodes, ["first", "second"], "{first_body}");
     })
     .await
     .unwrap();

@@ -41,6 +41,21 @@ pub async fn logs(config: &Config, args: LogsArgs<'_>) -> Result<(), Failure> {
             super::rfc3339(at)
         )));
     }
+    // With several daemons, the log is on the host of the daemon that ran
+    // the attempt.
+    if let Some(node) = chosen.node.as_deref()
+        && node != config.service.node
+        && !path.exists()
+    {
+        return Err(Failure::other(format!(
+            "{}: attempt {} of round {} ran on node {}; its log is on that host ({})",
+            r.key(),
+            chosen.number,
+            chosen.round,
+            super::list::one_line(node),
+            path.display()
+        )));
+    }
     let (round, number) = (chosen.round, chosen.number);
     let mut offset = match args.tail {
         Some(lines) => print_tail(&path, lines)?,

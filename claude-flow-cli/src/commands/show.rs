@@ -68,11 +68,15 @@ pub async fn show(config: &Config, arg: &IssueArg, json: bool) -> Result<(), Fai
             }
         };
         outln!(
-            "  attempt {:<3} {}  {:>8}  {}{}",
+            "  attempt {:<3} {}  {:>8}  {}{}{}",
             a.number,
             rfc3339(a.started_at),
             human(a.duration()),
             outcome,
+            a.node
+                .as_ref()
+                .map(|n| format!("  on {}", super::list::one_line(n)))
+                .unwrap_or_default(),
             a.log_path
                 .as_ref()
                 .map(|p| format!("  log: {}", p.display()))

@@ -3,7 +3,7 @@
 
 use std::time::SystemTime;
 
-use claude_flow_core::api::{ApiClient, Health};
+use claude_flow_core::api::{ApiClient, Health, NodeStatus};
 use claude_flow_core::config::Config;
 use claude_flow_core::{FileStore, IssueRecord, IssueStatus, PollResult, RunningAttempt};
 use serde_json::json;
@@ -17,19 +17,33 @@ use crate::out::{self, outln};
 struct Activity {
     paused_until: Option<SystemTime>,
     pause_reason: Option<String>,
-    running: Vec<RunningAttempt>,
+    /// With the node that runs each, when several daemons share the work.
+    running: Vec<(Option<String>, RunningAttempt)>,
     /// `None` when unknown: no service, or one without an HTTP API.
     last_poll: Option<PollResult>,
+    /// Every daemon sharing the store (several daemons).
+    nodes: Vec<NodeStatus>,
 }
 
 impl Activity {
     /// As the running service says (`GET /healthz`).
     fn of_health(health: &Health) -> Self {
+        // With several daemons, every daemon's attempts.
+        let running = if health.nodes.is_empty() {
+            health.running.iter().map(|r| (None, r.clone())).collect()
+        } else {
+            health
+                .nodes
+                .iter()
+                .flat_map(|n| n.running.iter().map(|r| (Some(n.node.clone()), r.clone())))
+                .collect()
+        };
         Self {
             paused_until: health.paused_until,
             pause_reason: health.pause_reason.clone(),
-            running: health.running.clone(),
+            running,
             last_poll: health.last_poll.clone(),
+            nodes: health.nodes.clone(),
         }
     }
 
@@ -49,6 +63,7 @@ impl Activity {
             records
                 .iter()
                 .filter_map(IssueRecord::running_attempt)
+                .map(|r| (None, r))
                 .collect()
         } else {
             Vec::new()
@@ -58,6 +73,7 @@ impl Activity {
             pause_reason: paused_until.and(service.pause_reason),
             running,
             last_poll: None,
+            nodes: Vec::new(),
         })
     }
 
@@ -66,13 +82,29 @@ impl Activity {
         let running: Vec<_> = self
             .running
             .iter()
-            .map(|r| {
-                json!({
+            .map(|(node, r)| {
+                let mut entry = json!({
                     "issue": r.issue.to_string(),
                     "round": r.round,
                     "attempt": r.attempt,
                     "started_at": rfc3339(r.started_at),
                     "elapsed_seconds": now.duration_since(r.started_at).unwrap_or_default().as_secs(),
+                });
+                if let Some(node) = node {
+                    entry["node"] = json!(node);
+                }
+                entry
+            })
+            .collect();
+        let nodes: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "node": n.node,
+                    "started_at": rfc3339(n.started_at),
+                    "heartbeat_at": rfc3339(n.heartbeat_at),
+                    "running": n.running.iter().map(|r| r.issue.to_string()).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -89,6 +121,7 @@ impl Activity {
             "pause_reason": self.pause_reason,
             "running": running,
             "last_poll": last_poll,
+            "nodes": nodes,
         })
     }
 
@@ -97,16 +130,30 @@ impl Activity {
             outln!("working: nothing")?;
         }
         let now = SystemTime::now();
-        for (i, run) in self.running.iter().enumerate() {
+        for (i, (node, run)) in self.running.iter().enumerate() {
             let elapsed = now.duration_since(run.started_at).unwrap_or_default();
+            let on = node
+                .as_ref()
+                .map(|n| format!(" on {n}"))
+                .unwrap_or_default();
             outln!(
-                "{} {} round {} attempt {}, running for {} (since {})",
+                "{} {} round {} attempt {}{on}, running for {} (since {})",
                 if i == 0 { "working:" } else { "        " },
                 run.issue,
                 run.round,
                 run.attempt,
                 human(elapsed),
                 rfc3339(run.started_at)
+            )?;
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            let quiet = now.duration_since(n.heartbeat_at).unwrap_or_default();
+            outln!(
+                "{} {}: {} running, last heartbeat {} ago",
+                if i == 0 { "daemons:" } else { "        " },
+                super::list::one_line(&n.node),
+                n.running.len(),
+                human(quiet)
             )?;
         }
         if let Some(until) = self.paused_until {
@@ -201,6 +248,13 @@ pub(crate) fn print_health(health: &Health) -> Result<(), Failure> {
     match &health.reason {
         None => outln!("health:  {}", health.status)?,
         Some(reason) => outln!("health:  {} ({reason})", health.status)?,
+    }
+    if let (Some(role), Some(node)) = (health.role, &health.node) {
+        let role = match role {
+            claude_flow_core::Role::Leader => "leader (polls and reports)",
+            claude_flow_core::Role::Follower => "follower (runs workflows)",
+        };
+        outln!("node:    {} as {role}", super::list::one_line(node))?;
     }
     match &health.last_poll {
         Some(poll) => {

@@ -23,13 +23,16 @@ pub(super) enum StopReason {
     Operator,
     /// The service is stopping.
     Shutdown,
+    /// This daemon's claim on the attempt is lost or about to run out
+    /// (several daemons): another daemon may run the issue soon.
+    LeaseLost,
 }
 
 impl StopReason {
     pub(super) fn cancel_reason(self) -> &'static str {
         match self {
             Self::Operator => "cancelled by an operator",
-            Self::Unwanted | Self::Shutdown => UNWANTED,
+            Self::Unwanted | Self::Shutdown | Self::LeaseLost => UNWANTED,
         }
     }
 }
@@ -103,7 +106,7 @@ pub(super) async fn run(
     })
 }
 
-fn apply_outcome(
+pub(super) fn apply_outcome(
     record: &mut IssueRecord,
     settings: &Settings,
     result: Result<RunOutcome, RunnerError>,
@@ -216,7 +219,9 @@ fn classify(run: &RunOutcome, stop_reason: Option<StopReason>) -> AttemptOutcome
             Some(StopReason::Unwanted | StopReason::Operator) => AttemptOutcome::Cancelled,
             // A runner that reports a cancellation we did not ask for is
             // treated like a shutdown: run it again.
-            Some(StopReason::Shutdown) | None => AttemptOutcome::Interrupted,
+            Some(StopReason::Shutdown | StopReason::LeaseLost) | None => {
+                AttemptOutcome::Interrupted
+            }
         },
     }
 }

@@ -25,9 +25,11 @@ use super::{Command, Mode, PollResult, RunningAttempt, Settings, Shared, Status,
 use crate::error::{Error, StoreError};
 use crate::issue::{Issue, IssueKey};
 use crate::issue_source::{CancelReport, FailureReport, Report, StartReport, SuccessReport};
-use crate::record::{AttemptOutcome, IssueRecord, IssueStatus, ServiceState, Shown};
+use crate::record::{Attempt, AttemptOutcome, IssueRecord, IssueStatus, ServiceState, Shown};
 use crate::retention::Retention;
-use crate::state::StateStore;
+use crate::state::{Coordination, StateStore, StopRequest};
+
+mod follow;
 
 /// The longest the loop sleeps, so that its heartbeat moves (the systemd
 /// watchdog's proof of life). One wake a second costs nothing measurable.
@@ -79,6 +81,14 @@ pub(super) struct Engine {
     failure: Option<Error>,
     /// Retention's passes, and the settled issues they hold.
     pruner: Pruner,
+    /// With a store several daemons share: this engine runs on the leader,
+    /// starts nothing itself (every daemon's worker claims), and follows
+    /// what the workers do through the store.
+    coordination: Option<Arc<dyn Coordination>>,
+    /// Attempts running on any daemon (several daemons), by issue: the run.
+    remote: HashMap<IssueKey, String>,
+    /// The next look for leases that ran out (several daemons).
+    next_expire: Instant,
 }
 
 impl Engine {
@@ -92,7 +102,6 @@ impl Engine {
         hurry: Arc<Notify>,
     ) -> Self {
         Self {
-            shared,
             mode,
             settings,
             status,
@@ -112,6 +121,10 @@ impl Engine {
             summary: Summary::default(),
             failure: None,
             pruner: Pruner::new(),
+            coordination: shared.store.coordination(),
+            remote: HashMap::new(),
+            next_expire: Instant::now(),
+            shared,
         }
     }
 
@@ -127,6 +140,13 @@ impl Engine {
             self.settings.clone(),
             Arc::clone(&self.poll_now),
         );
+        let (changes_task, mut changes) = match &self.coordination {
+            Some(coordination) => {
+                let (task, changes) = follow::spawn_changes(Arc::clone(coordination));
+                (Some(task), changes)
+            }
+            None => (None, tokio::sync::mpsc::channel(1).1),
+        };
         let mut grace_deadline: Option<Instant> = None;
         loop {
             let settings = self.settings.borrow_and_update().clone();
@@ -171,6 +191,7 @@ impl Engine {
                 }
                 Some(polled) = polls.recv(), if !stopping => self.on_poll(polled, &reporter).await,
                 Some(done) = delivered.recv() => self.delivered(done).await,
+                Some(changed) = changes.recv() => self.on_changes(changed, &settings, &reporter).await,
                 Some(pruned) = self.pruner.next() => self.pruned(pruned).await,
                 () = reporter.changed(), if watch_reports => {}
                 () = tokio::time::sleep_until(wake) => {}
@@ -189,6 +210,9 @@ impl Engine {
             }
         }
         drop(poller);
+        if let Some(task) = changes_task {
+            task.abort();
+        }
         // Reports that went through just now are remembered, so that a
         // restart does not repeat them.
         while let Ok(done) = delivered.try_recv() {
@@ -228,7 +252,14 @@ impl Engine {
             );
         }
         for mut record in self.shared.store.load().await? {
-            if record.status == IssueStatus::Running {
+            if record.status == IssueStatus::Running && self.coordination.is_some() {
+                // Claimed by a daemon that renews its lease, or expired
+                // by this leader once the lease ran out.
+                if let Some(attempt) = record.last_attempt() {
+                    self.remote
+                        .insert(record.key().clone(), attempt.run_id.clone());
+                }
+            } else if record.status == IssueStatus::Running {
                 if let Some(attempt) = record.attempts.last_mut()
                     && attempt.outcome.is_none()
                 {
@@ -315,6 +346,7 @@ impl Engine {
                 running.stop(StopReason::Unwanted);
             }
         }
+        self.stop_remote_unwanted().await;
         let unwanted: Vec<IssueKey> = self
             .schedule
             .keys()
@@ -406,6 +438,15 @@ impl Engine {
 
     /// Starts attempts while slots are free, longest-ready first.
     async fn dispatch(&mut self, settings: &Settings, reporter: &Reporter) {
+        if self.coordination.is_some() {
+            // Every daemon's worker claims; the leader keeps the pause's
+            // bookkeeping and takes back the attempts of lost leases.
+            self.paused(settings, reporter).await;
+            if Instant::now() >= self.next_expire {
+                self.expire(settings, reporter).await;
+            }
+            return;
+        }
         if !self.polled || self.paused(settings, reporter).await {
             return;
         }
@@ -568,34 +609,34 @@ impl Engine {
                 return;
             }
         }
-        let outcome = record.last_attempt().and_then(|a| a.outcome.clone());
-        if let Some(attempt) = record.last_attempt() {
-            let label = match &outcome {
-                Some(AttemptOutcome::Succeeded) => "succeeded",
-                Some(AttemptOutcome::Failed { .. }) => "failed",
-                Some(AttemptOutcome::Cancelled) => "cancelled",
-                Some(AttemptOutcome::Interrupted) => "interrupted",
-                Some(AttemptOutcome::QuotaExhausted { .. }) => "quota_exhausted",
-                None => "unknown",
-            };
-            metrics::counter!("claude_flow_attempts_total", "outcome" => label).increment(1);
-            metrics::histogram!("claude_flow_attempt_duration_seconds")
-                .record(attempt.duration().as_secs_f64());
+        if let Some(attempt) = record.last_attempt().cloned() {
+            self.attempt_ended(&key, &attempt, settings).await;
         }
-        match record.status {
-            IssueStatus::Done => self.summary.done += 1,
-            IssueStatus::Failed => self.summary.failed += 1,
-            IssueStatus::Cancelled => self.summary.cancelled += 1,
-            _ => {}
-        }
-        match outcome {
+        self.count_settled(&key, record.status);
+        self.set_record(record);
+        self.want_report(&key, reporter);
+        self.publish(reporter, |_| {});
+    }
+
+    /// Counts an attempt that ended (metrics, the summary) and acts on a
+    /// quota exit.
+    async fn attempt_ended(&mut self, key: &IssueKey, attempt: &Attempt, settings: &Settings) {
+        let label = match &attempt.outcome {
+            Some(AttemptOutcome::Succeeded) => "succeeded",
+            Some(AttemptOutcome::Failed { .. }) => "failed",
+            Some(AttemptOutcome::Cancelled) => "cancelled",
+            Some(AttemptOutcome::Interrupted) => "interrupted",
+            Some(AttemptOutcome::QuotaExhausted { .. }) => "quota_exhausted",
+            None => "unknown",
+        };
+        metrics::counter!("claude_flow_attempts_total", "outcome" => label).increment(1);
+        metrics::histogram!("claude_flow_attempt_duration_seconds")
+            .record(attempt.duration().as_secs_f64());
+        match attempt.outcome {
             Some(AttemptOutcome::Interrupted) => self.summary.interrupted += 1,
             Some(AttemptOutcome::QuotaExhausted { until }) => {
-                let started = record
-                    .attempts
-                    .last()
-                    .map_or_else(SystemTime::now, |a| a.started_at);
-                self.quota_exit(&key, until, started, settings).await;
+                self.quota_exit(key, until, attempt.started_at, settings)
+                    .await;
             }
             Some(AttemptOutcome::Succeeded | AttemptOutcome::Failed { .. })
                 if self.service.quota_exits > 0 =>
@@ -605,14 +646,21 @@ impl Engine {
             }
             _ => {}
         }
-        if record.status.is_settled()
+    }
+
+    /// Counts an issue that settled, and takes it off `run_once`'s list.
+    fn count_settled(&mut self, key: &IssueKey, status: IssueStatus) {
+        match status {
+            IssueStatus::Done => self.summary.done += 1,
+            IssueStatus::Failed => self.summary.failed += 1,
+            IssueStatus::Cancelled => self.summary.cancelled += 1,
+            _ => {}
+        }
+        if status.is_settled()
             && let Some(owed) = &mut self.once_set
         {
-            owed.remove(&key);
+            owed.remove(key);
         }
-        self.set_record(record);
-        self.want_report(&key, reporter);
-        self.publish(reporter, |_| {});
     }
 
     /// A workflow said its agent's quota is exhausted: nothing starts
@@ -762,11 +810,17 @@ impl Engine {
             })
             .collect();
         running.sort_by(|a, b| a.issue.cmp(&b.issue));
-        metrics::gauge!("claude_flow_workflows_running").set(running.len() as f64);
+        // With several daemons, this daemon's worker says what runs here.
+        let own = self.coordination.is_none();
+        if own {
+            metrics::gauge!("claude_flow_workflows_running").set(running.len() as f64);
+        }
         let waiting = self.schedule.len();
         let reports_owed = reporter.untried();
         self.status.send_modify(|s| {
-            s.running = running;
+            if own {
+                s.running = running;
+            }
             s.waiting = waiting;
             s.reports_owed = reports_owed;
             s.paused_until = self.service.paused_until;
@@ -782,7 +836,7 @@ impl Engine {
         let store = Arc::clone(&self.shared.store);
         match command {
             Command::Retry(key, reply) => {
-                let result = if self.running.contains_key(&key) {
+                let result = if self.running.contains_key(&key) || self.remote.contains_key(&key) {
                     Err(Error::Conflict(format!("{key} is running now")))
                 } else if self.records.contains_key(&key) && !self.eligible.contains(&key) {
                     // Queued, it would never start: only issues the source
@@ -807,10 +861,17 @@ impl Engine {
                         running.stop(StopReason::Operator);
                         Ok(record.clone())
                     }
+                    (None, Some(record)) if self.remote.contains_key(&key) => {
+                        let record = record.clone();
+                        self.stop_remote(&key, StopRequest::Operator)
+                            .await
+                            .map(|()| record)
+                    }
                     _ => crate::ops::cancel(&*store, &key).await,
                 };
                 if let Ok(record) = &result
                     && !self.running.contains_key(&key)
+                    && !self.remote.contains_key(&key)
                 {
                     self.summary.cancelled += 1;
                     if let Some(owed) = &mut self.once_set {
@@ -868,7 +929,11 @@ impl Engine {
         let mut due: Vec<(IssueKey, u32)> = self
             .records
             .values()
-            .filter(|r| !self.running.contains_key(r.key()) && retention.is_due(r, now))
+            .filter(|r| {
+                !self.running.contains_key(r.key())
+                    && !self.remote.contains_key(r.key())
+                    && retention.is_due(r, now)
+            })
             .map(|r| (r.key().clone(), r.round))
             .collect();
         due.sort();
@@ -899,6 +964,7 @@ impl Engine {
             && record.status.is_settled()
             && record.round == pruned.round
             && !self.running.contains_key(&pruned.key)
+            && !self.remote.contains_key(&pruned.key)
         {
             record.pruned_at = Some(SystemTime::now());
             if let Err(e) = self.shared.store.put(&record).await {
@@ -930,6 +996,9 @@ impl Engine {
         let now_sys = SystemTime::now();
         let until = |t: SystemTime| now + t.duration_since(now_sys).unwrap_or_default();
         let mut wake = now + HEARTBEAT;
+        if self.coordination.is_some() {
+            wake = wake.min(self.next_expire.max(now));
+        }
         if let Some(deadline) = grace_deadline {
             if deadline > now {
                 wake = wake.min(deadline);

@@ -1,22 +1,16 @@
 //! With a store that several daemons share ([`Coordination`]), one daemon
-//! at a time runs the engine: the leader. The others stand by, trying for
+//! at a time runs the engine: the leader, which polls the sources, sends
+//! every report and expires lost leases. Every daemon, leader or not, runs
+//! workflows through its worker (`worker.rs`). The followers try for
 //! leadership every quarter of the lease, and take over within the lease
 //! when the leader dies or loses the database.
 //!
-//! Fencing: the leader confirms its leadership every quarter of the lease,
-//! each try bounded by a quarter too. When a confirmation fails, the engine
-//! stops every workflow at once (SIGTERM, `workflow.kill_grace`, SIGKILL),
-//! which ends by half a lease plus the kill grace after the last
-//! confirmation, before the database ends the old session (one lease of
-//! silence, `idle_session_timeout`) and lets another daemon lead. The
-//! configuration keeps `workflow.kill_grace` within half the lease. A new
-//! leader that finds attempts recorded as running waits one lease before
-//! it recovers them, so that a previous leader that died has had its
-//! workflows ended by its guardian.
-//!
-//! Claims by every daemon (each running workflows under a lease of its
-//! own) build on the same [`Coordination`]; until the engine uses them,
-//! the leader runs every workflow.
+//! The leader confirms its leadership every quarter of the lease, each try
+//! bounded by a quarter too. When a confirmation fails, its engine stops
+//! at once (no more polls or reports from it), before the database ends
+//! the old session (one lease of silence, `idle_session_timeout`) and lets
+//! another daemon lead. Its workflows are not the leader's to stop: they
+//! run under their own leases.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Status;
 use crate::error::{Error, StoreError};
-use crate::record::IssueStatus;
-use crate::state::{Coordination, StateStore};
+use crate::state::Coordination;
 
 /// This daemon's leadership, kept alive by a task until dropped.
 pub(super) struct Leadership {
@@ -73,7 +66,6 @@ async fn try_lead(coordination: &dyn Coordination, node: &str, period: Duration)
 /// Waits until this daemon leads. `None` when `shutdown` fired first.
 pub(super) async fn acquire(
     coordination: Arc<dyn Coordination>,
-    store: &dyn StateStore,
     node: &str,
     status: &watch::Sender<Status>,
     shutdown: &CancellationToken,
@@ -84,7 +76,7 @@ pub(super) async fn acquire(
     loop {
         let (why, reachable) = match ask(&*coordination, node, period).await {
             Ok(true) => break,
-            Ok(false) => ("standing by: another daemon leads".to_owned(), true),
+            Ok(false) => ("following: another daemon leads".to_owned(), true),
             Err(e) => (format!("waiting for the database: {e}"), false),
         };
         if why != said {
@@ -95,15 +87,12 @@ pub(super) async fn acquire(
             }
             said.clone_from(&why);
         }
-        if let Err(e) = coordination.heartbeat(node).await {
-            tracing::debug!(error = %e, "heartbeat failed");
-        }
         // The heartbeat moves every second, as the engine's does, so that
-        // the systemd watchdog leaves a waiting daemon alone.
+        // the systemd watchdog leaves a following daemon alone.
         let next = tokio::time::Instant::now() + period;
         while tokio::time::Instant::now() < next {
             status.send_modify(|s| {
-                s.standby = Some(why.clone());
+                s.standby = (!reachable).then(|| why.clone());
                 s.heartbeat = s.heartbeat.wrapping_add(1);
             });
             tokio::select! {
@@ -115,29 +104,8 @@ pub(super) async fn acquire(
     status.send_modify(|s| s.standby = None);
     tracing::info!(
         node,
-        "leading: this daemon polls, reports and runs workflows"
+        "leading: this daemon polls and reports, and runs workflows"
     );
-    let running = store
-        .load()
-        .await?
-        .iter()
-        .any(|r| r.status == IssueStatus::Running);
-    if running {
-        tracing::info!(
-            wait = %humantime::format_duration(lease),
-            "attempts are recorded as running: waiting one lease for whoever ran them to have stopped"
-        );
-        let until = tokio::time::Instant::now() + lease;
-        while tokio::time::Instant::now() < until {
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(None),
-                () = tokio::time::sleep(period.min(until - tokio::time::Instant::now())) => {}
-            }
-            if !try_lead(&*coordination, node, period).await {
-                return Err(lost().into());
-            }
-        }
-    }
     let lost = CancellationToken::new();
     let keeper = tokio::spawn(keep(
         Arc::clone(&coordination),
@@ -163,13 +131,10 @@ async fn keep(
         tokio::time::sleep(period).await;
         if !try_lead(&*coordination, &node, period).await {
             tracing::error!(
-                "lost leadership (the database is unreachable or ended the session): stopping every workflow"
+                "lost leadership (the database is unreachable or ended the session): no more polls or reports from this daemon"
             );
             lost.cancel();
             return;
-        }
-        if let Err(e) = coordination.heartbeat(&node).await {
-            tracing::debug!(error = %e, "heartbeat failed");
         }
     }
 }
@@ -177,8 +142,7 @@ async fn keep(
 fn lost() -> StoreError {
     StoreError::Database {
         what: "keep leadership".into(),
-        message: "lost the database; every workflow was stopped, and another daemon takes over"
-            .into(),
+        message: "lost the database; another daemon takes over polling and reporting".into(),
         retryable: true,
     }
 }

@@ -22,6 +22,7 @@ mod poller;
 mod prune;
 mod reporter;
 mod schedule;
+mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,7 +40,7 @@ use crate::issue_source::IssueSource;
 use crate::record::IssueRecord;
 use crate::retention::{PruneReport, Retention};
 use crate::runner::WorkflowRunner;
-use crate::state::StateStore;
+use crate::state::{Coordination, StateStore};
 
 /// The orchestrator's tunables; they can change while it runs
 /// ([`Orchestrator::update_settings`]).
@@ -181,6 +182,7 @@ impl OrchestratorBuilder {
             engine_running: AtomicBool::new(false),
             poll_now: Arc::new(Notify::new()),
             hurry: Arc::new(Notify::new()),
+            hurry_worker: Arc::new(Notify::new()),
         })
     }
 }
@@ -216,6 +218,8 @@ pub struct Orchestrator {
     engine_running: AtomicBool,
     poll_now: Arc<Notify>,
     hurry: Arc<Notify>,
+    /// The worker's own (several daemons), beside the engine's.
+    hurry_worker: Arc<Notify>,
 }
 
 /// What the orchestrator is doing: for health checks and status pages.
@@ -243,13 +247,28 @@ pub struct Status {
     pub skipped: Vec<crate::issue_source::SkippedTrigger>,
     /// A graceful stop is under way.
     pub stopping: bool,
-    /// Why this daemon runs no engine now, with a store several daemons
-    /// share: another daemon leads, or the database cannot be reached.
+    /// Why this daemon cannot take part now, with a store several daemons
+    /// share: the database cannot be reached.
     pub standby: Option<String>,
+    /// With a store several daemons share: whether this daemon leads
+    /// (polls and reports) or follows (runs workflows only). `None` with a
+    /// store of one daemon's own.
+    pub role: Option<Role>,
     /// Counts the scheduler loop's turns; the loop turns at least once a
     /// second, so a counter that stops moving means a hung loop (what a
     /// watchdog should catch).
     pub heartbeat: u64,
+}
+
+/// A daemon's part among several sharing a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Polls the sources, sends every report, expires lost leases, and
+    /// runs workflows.
+    Leader,
+    /// Runs workflows.
+    Follower,
 }
 
 /// One running attempt (CONTRACT section 6, `status --json`).
@@ -387,6 +406,7 @@ impl Orchestrator {
     /// wait.
     pub fn hurry(&self) {
         self.hurry.notify_one();
+        self.hurry_worker.notify_one();
     }
 
     /// What the orchestrator is doing now.
@@ -455,34 +475,76 @@ impl Orchestrator {
     }
 
     async fn run_engine(&self, mode: Mode, shutdown: CancellationToken) -> Result<Summary, Error> {
-        // A shared store: only the leader runs the engine.
-        let leadership = match self.shared.store.coordination() {
-            None => None,
-            Some(coordination) => {
-                let node = self.settings.borrow().node.clone();
-                match leadership::acquire(
-                    coordination,
-                    &*self.shared.store,
-                    &node,
-                    &self.status,
-                    &shutdown,
-                )
-                .await?
-                {
-                    Some(leadership) => Some(leadership),
-                    None => return Ok(Summary::default()),
+        match self.shared.store.coordination() {
+            None => self.run_engine_led(mode, shutdown).await,
+            Some(coordination) => self.run_shared(mode, coordination, shutdown).await,
+        }
+    }
+
+    /// With a store several daemons share: a worker claims and runs
+    /// workflows for as long as this runs, while the engine runs only on
+    /// the leader. A daemon that loses leadership goes on as a follower
+    /// and tries for it again.
+    async fn run_shared(
+        &self,
+        mode: Mode,
+        coordination: Arc<dyn Coordination>,
+        shutdown: CancellationToken,
+    ) -> Result<Summary, Error> {
+        let node = self.settings.borrow().node.clone();
+        self.status.send_modify(|s| s.role = Some(Role::Follower));
+        let worker_stop = CancellationToken::new();
+        let worker = tokio::spawn(
+            worker::Worker::new(
+                Arc::clone(&self.shared),
+                Arc::clone(&coordination),
+                self.settings.subscribe(),
+                self.status.clone(),
+                Arc::clone(&self.hurry_worker),
+            )
+            .run(worker_stop.clone()),
+        );
+        let mut summary = Summary::default();
+        let mut result = Ok(());
+        loop {
+            let acquired =
+                leadership::acquire(Arc::clone(&coordination), &node, &self.status, &shutdown)
+                    .await;
+            let leadership = match acquired {
+                Ok(Some(leadership)) => leadership,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            self.status.send_modify(|s| s.role = Some(Role::Leader));
+            let guarded = leadership.guard(shutdown.clone(), Arc::clone(&self.hurry));
+            let led = self.run_engine_led(mode, guarded).await;
+            let ended = leadership.end().await;
+            self.status.send_modify(|s| s.role = Some(Role::Follower));
+            match (led, ended) {
+                (Ok(s), Ok(())) => {
+                    summary = s;
+                    break;
+                }
+                (Err(e), _) if !matches!(&e, Error::Store(s) if s.is_retryable()) => {
+                    result = Err(e);
+                    break;
+                }
+                (Err(e), _) | (Ok(_), Err(e)) => {
+                    tracing::warn!(error = %e, "no longer leading: running workflows as a follower, trying to lead again");
                 }
             }
-        };
-        let shutdown = match &leadership {
-            Some(leadership) => leadership.guard(shutdown, Arc::clone(&self.hurry)),
-            None => shutdown,
-        };
-        let result = self.run_engine_led(mode, shutdown).await;
-        match leadership {
-            Some(leadership) => leadership.end().await.and(result),
-            None => result,
+            if shutdown.is_cancelled() || mode == Mode::Once {
+                break;
+            }
         }
+        worker_stop.cancel();
+        if let Err(e) = worker.await {
+            tracing::error!(error = %e, "the worker panicked");
+        }
+        result.map(|()| summary)
     }
 
     async fn run_engine_led(
@@ -497,7 +559,18 @@ impl Orchestrator {
             .take()
             .ok_or_else(|| Error::Other("the orchestrator is already running".into()))?;
         self.engine_running.store(true, Ordering::SeqCst);
-        self.status.send_replace(Status::default());
+        // A fresh start, but what the worker says (several daemons) stays.
+        self.status.send_modify(|s| {
+            *s = Status {
+                role: s.role,
+                running: if s.role.is_some() {
+                    std::mem::take(&mut s.running)
+                } else {
+                    Vec::new()
+                },
+                ..Status::default()
+            };
+        });
         let mut engine = engine::Engine::new(
             Arc::clone(&self.shared),
             mode,

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::error::StoreError;
+use crate::issue::IssueKey;
 use crate::record::IssueRecord;
 
 /// What a store promises, so that an embedder (and the engine) can tell
@@ -77,6 +78,51 @@ pub struct Claim {
     /// Until when the claim holds without renewal. The store's clock
     /// decides; this is what it said, for the holder to stop in time.
     pub lease_until: SystemTime,
+    /// Set when the leader or an operator asked the holder to stop the
+    /// attempt ([`Coordination::request_stop`]), with the reason given.
+    pub stop: Option<StopRequest>,
+}
+
+/// Why a claimed attempt should stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    /// An operator cancelled the issue.
+    Operator,
+    /// The issue is no longer eligible at its source.
+    Unwanted,
+}
+
+impl StopRequest {
+    /// How the store keeps it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Operator => "operator",
+            Self::Unwanted => "unwanted",
+        }
+    }
+
+    /// The inverse of [`as_str`](Self::as_str); anything else is taken as
+    /// [`Unwanted`](Self::Unwanted), which stops the attempt all the same.
+    pub fn parse(text: &str) -> Self {
+        if text == "operator" {
+            Self::Operator
+        } else {
+            Self::Unwanted
+        }
+    }
+}
+
+/// What changed in the store since the last look
+/// ([`Coordination::changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// Nothing within the wait.
+    None,
+    /// These issues' records changed (claimed, ended, expired, written).
+    Issues(Vec<IssueKey>),
+    /// Changes may have been missed (the first look, or a lost
+    /// connection): read every record again.
+    All,
 }
 
 /// A daemon sharing the store, as `status` shows it.
@@ -88,6 +134,8 @@ pub struct NodeInfo {
     pub started_at: SystemTime,
     /// Its last heartbeat.
     pub heartbeat_at: SystemTime,
+    /// The issues whose attempts it holds claims on.
+    pub running: Vec<IssueKey>,
 }
 
 /// Changes a claimed record in the transaction that claims it (the
@@ -141,6 +189,25 @@ pub trait Coordination: Send + Sync {
     /// Gives up leadership (a graceful stop), so another daemon takes over
     /// at once.
     async fn resign(&self) -> Result<(), StoreError>;
+
+    /// Asks the daemon holding the claim on attempt `run_id` of `issue` to
+    /// stop it; it sees the request at once (a wake-up) or at its next
+    /// renewal. Returns whether such a claim was held.
+    async fn request_stop(
+        &self,
+        issue: &IssueKey,
+        run_id: &str,
+        reason: StopRequest,
+    ) -> Result<bool, StoreError>;
+
+    /// When the next unclaimed issue becomes ready (a retry falling due),
+    /// if any is waiting; a time in the past means now.
+    async fn next_ready(&self) -> Result<Option<SystemTime>, StoreError>;
+
+    /// Waits until records changed (claimed, ended, expired, written by
+    /// anyone) or `timeout` passed: how the leader follows the work of
+    /// every daemon, to report it.
+    async fn changes(&self, timeout: Duration) -> Result<Changes, StoreError>;
 
     /// Waits until work may have arrived (an issue became ready) or
     /// `timeout` passed. Returns whether it was woken.

@@ -24,7 +24,7 @@ use crate::error::StoreError;
 use crate::issue::IssueKey;
 use crate::record::{IssueRecord, ServiceState};
 
-pub use coordination::{Begin, Claim, Coordination, Guarantees, NodeInfo};
+pub use coordination::{Begin, Changes, Claim, Coordination, Guarantees, NodeInfo, StopRequest};
 pub use file::FileStore;
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::MemoryStore;

@@ -282,6 +282,7 @@ mod tests {
             signal: None,
             log_path: None,
             pr_url: None,
+            node: None,
         }
     }
 

@@ -270,6 +270,7 @@ fn attempt(
         signal: None,
         log_path: Some(PathBuf::from("/var/log/x.log")),
         pr_url: None,
+        node: None,
     }
 }
 

@@ -25,8 +25,9 @@ use sqlx::{ConnectOptions, Connection};
 
 use super::{PostgresStore, epoch, from_epoch, from_json, ready_at, to_json};
 use crate::error::StoreError;
+use crate::issue::IssueKey;
 use crate::record::IssueRecord;
-use crate::state::{Begin, Claim, Coordination, NodeInfo};
+use crate::state::{Begin, Changes, Claim, Coordination, NodeInfo, StopRequest};
 
 /// The leader's advisory lock: any constant unlikely to collide with an
 /// application sharing the database ("claude-fl" in ASCII).
@@ -34,6 +35,9 @@ const LEADER_LOCK: i64 = 0x636c_6175_6465_666c;
 
 /// The channel the trigger of migration 0001 notifies.
 const CHANNEL: &str = "claude_flow_work";
+
+/// The channel of every change (migration 0002), which the leader follows.
+const CHANGED: &str = "claude_flow_changed";
 
 #[async_trait]
 impl Coordination for PostgresStore {
@@ -79,7 +83,7 @@ impl Coordination for PostgresStore {
             };
             sqlx::query(
                 "UPDATE claude_flow_issues SET status = $2, ready_at = NULL, \
-                 record = $3::jsonb, node = $4, run_id = $5, \
+                 record = $3::jsonb, node = $4, run_id = $5, stop_reason = NULL, \
                  lease_until = now() + make_interval(secs => $6), written_at = now() \
                  WHERE issue = $1",
             )
@@ -97,6 +101,7 @@ impl Coordination for PostgresStore {
                 node: node.to_owned(),
                 run_id,
                 lease_until: local_start + lease,
+                stop: None,
             });
         }
         tx.commit().await.map_err(self.db("claim ready issues"))?;
@@ -112,10 +117,10 @@ impl Coordination for PostgresStore {
         let local_start = SystemTime::now();
         let issues: Vec<String> = claims.iter().map(|c| c.record.key().to_string()).collect();
         let runs: Vec<String> = claims.iter().map(|c| c.run_id.clone()).collect();
-        let renewed: Vec<(String, String)> = sqlx::query_as(
+        let renewed: Vec<(String, String, Option<String>)> = sqlx::query_as(
             "UPDATE claude_flow_issues SET lease_until = now() + make_interval(secs => $4) \
              WHERE (issue, run_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-             AND node = $3 AND lease_until > now() RETURNING issue, run_id",
+             AND node = $3 AND lease_until > now() RETURNING issue, run_id, stop_reason",
         )
         .bind(&issues)
         .bind(&runs)
@@ -126,40 +131,56 @@ impl Coordination for PostgresStore {
         .map_err(self.db("renew leases"))?;
         Ok(claims
             .iter()
-            .filter(|c| {
-                renewed
-                    .iter()
-                    .any(|(issue, run)| *run == c.run_id && *issue == c.record.key().to_string())
-            })
-            .map(|c| Claim {
-                lease_until: local_start + lease,
-                ..c.clone()
+            .filter_map(|c| {
+                let (_, _, stop) = renewed.iter().find(|(issue, run, _)| {
+                    *run == c.run_id && *issue == c.record.key().to_string()
+                })?;
+                Some(Claim {
+                    lease_until: local_start + lease,
+                    stop: stop.as_deref().map(StopRequest::parse),
+                    ..c.clone()
+                })
             })
             .collect())
     }
 
     async fn finish(&self, claim: &Claim, record: &IssueRecord) -> Result<(), StoreError> {
         self.ready().await?;
-        let done = sqlx::query(
-            "UPDATE claude_flow_issues SET status = $4, ready_at = to_timestamp($5), \
-             record = $6::jsonb, node = NULL, run_id = NULL, lease_until = NULL, \
-             written_at = now() \
-             WHERE issue = $1 AND node = $2 AND run_id = $3 AND lease_until > now()",
+        let what = "record an attempt's end";
+        let issue = record.key().to_string();
+        let mut tx = self.inner.pool.begin().await.map_err(self.db(what))?;
+        let stored: Option<(String,)> = sqlx::query_as(
+            "SELECT record::text FROM claude_flow_issues \
+             WHERE issue = $1 AND node = $2 AND run_id = $3 AND lease_until > now() FOR UPDATE",
         )
-        .bind(record.key().to_string())
+        .bind(&issue)
         .bind(&claim.node)
         .bind(&claim.run_id)
-        .bind(record.status.as_str())
-        .bind(ready_at(record).map(epoch))
-        .bind(to_json(record)?)
-        .execute(&self.inner.pool)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(self.db("record an attempt's end"))?;
-        if done.rows_affected() == 0 {
+        .map_err(self.db(what))?;
+        let Some((text,)) = stored else {
             return Err(StoreError::LeaseLost {
                 issue: record.key().clone(),
             });
-        }
+        };
+        // Reports the leader made while the attempt ran are newer than the
+        // holder's copy.
+        let mut record = record.clone();
+        record.take_leader_fields(&from_json(&issue, &text)?);
+        sqlx::query(
+            "UPDATE claude_flow_issues SET status = $2, ready_at = to_timestamp($3), \
+             record = $4::jsonb, node = NULL, run_id = NULL, lease_until = NULL, \
+             stop_reason = NULL, written_at = now() WHERE issue = $1",
+        )
+        .bind(&issue)
+        .bind(record.status.as_str())
+        .bind(ready_at(&record).map(epoch))
+        .bind(to_json(&record)?)
+        .execute(&mut *tx)
+        .await
+        .map_err(self.db(what))?;
+        tx.commit().await.map_err(self.db(what))?;
         Ok(())
     }
 
@@ -172,8 +193,11 @@ impl Coordination for PostgresStore {
             .await
             .map_err(self.db("expire leases"))?;
         let rows: Vec<(String, String)> = sqlx::query_as(
+            // A running record without a claim has no one to finish it
+            // (written by a store copy, or by a version before claims).
             "SELECT issue, record::text FROM claude_flow_issues \
-             WHERE lease_until < now() FOR UPDATE SKIP LOCKED",
+             WHERE lease_until < now() OR (lease_until IS NULL AND status = 'running') \
+             FOR UPDATE SKIP LOCKED",
         )
         .fetch_all(&mut *tx)
         .await
@@ -185,7 +209,7 @@ impl Coordination for PostgresStore {
             sqlx::query(
                 "UPDATE claude_flow_issues SET status = $2, ready_at = to_timestamp($3), \
                  record = $4::jsonb, node = NULL, run_id = NULL, lease_until = NULL, \
-                 written_at = now() WHERE issue = $1",
+                 stop_reason = NULL, written_at = now() WHERE issue = $1",
             )
             .bind(&issue)
             .bind(record.status.as_str())
@@ -254,6 +278,84 @@ impl Coordination for PostgresStore {
         Ok(())
     }
 
+    async fn request_stop(
+        &self,
+        issue: &IssueKey,
+        run_id: &str,
+        reason: StopRequest,
+    ) -> Result<bool, StoreError> {
+        self.ready().await?;
+        let done = sqlx::query(
+            "UPDATE claude_flow_issues SET stop_reason = $3 \
+             WHERE issue = $1 AND run_id = $2 AND lease_until IS NOT NULL",
+        )
+        .bind(issue.to_string())
+        .bind(run_id)
+        .bind(reason.as_str())
+        .execute(&self.inner.pool)
+        .await
+        .map_err(self.db("ask for an attempt to stop"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn next_ready(&self) -> Result<Option<SystemTime>, StoreError> {
+        self.ready().await?;
+        let next: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM min(ready_at))::float8 FROM claude_flow_issues \
+             WHERE ready_at IS NOT NULL AND lease_until IS NULL",
+        )
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(self.db("find the next ready issue"))?;
+        Ok(next.map(from_epoch))
+    }
+
+    async fn changes(&self, timeout: Duration) -> Result<Changes, StoreError> {
+        self.ready().await?;
+        let mut slot = self.inner.changes.lock().await;
+        let Some(listener) = slot.as_mut() else {
+            let mut listener = PgListener::connect_with(&self.inner.listen_pool)
+                .await
+                .map_err(self.db("listen for changes"))?;
+            listener
+                .listen(CHANGED)
+                .await
+                .map_err(self.db("listen for changes"))?;
+            *slot = Some(listener);
+            // What changed before the listener was there is not known.
+            return Ok(Changes::All);
+        };
+        match tokio::time::timeout(timeout, listener.try_recv()).await {
+            Err(_) => Ok(Changes::None),
+            Ok(Ok(Some(first))) => {
+                let mut keys = Vec::new();
+                let mut push = |payload: &str| {
+                    if let Ok(key) = payload.parse::<IssueKey>()
+                        && !keys.contains(&key)
+                    {
+                        keys.push(key);
+                    }
+                };
+                push(first.payload());
+                while let Some(more) = listener.next_buffered() {
+                    push(more.payload());
+                }
+                Ok(Changes::Issues(keys))
+            }
+            // The connection dropped: the listener reconnects at the next
+            // look, and whatever changed meanwhile is read again.
+            Ok(Ok(None)) => Ok(Changes::All),
+            Ok(Err(e)) => {
+                slot.take();
+                Err(super::database_error(
+                    "listen for changes",
+                    &e,
+                    &self.inner.url,
+                ))
+            }
+        }
+    }
+
     async fn wait_for_work(&self, timeout: Duration) -> Result<bool, StoreError> {
         self.ready().await?;
         let mut slot = self.inner.listener.lock().await;
@@ -306,19 +408,24 @@ impl Coordination for PostgresStore {
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
         self.ready().await?;
-        let rows: Vec<(String, f64, f64)> = sqlx::query_as(
-            "SELECT node, extract(epoch FROM started_at)::float8, \
-             extract(epoch FROM heartbeat_at)::float8 FROM claude_flow_nodes ORDER BY node",
+        let rows: Vec<(String, f64, f64, Vec<String>)> = sqlx::query_as(
+            "SELECT n.node, extract(epoch FROM n.started_at)::float8, \
+             extract(epoch FROM n.heartbeat_at)::float8, \
+             coalesce(array_agg(i.issue ORDER BY i.issue) FILTER (WHERE i.issue IS NOT NULL), '{}') \
+             FROM claude_flow_nodes n LEFT JOIN claude_flow_issues i \
+             ON i.node = n.node AND i.lease_until IS NOT NULL \
+             GROUP BY n.node ORDER BY n.node",
         )
         .fetch_all(&self.inner.pool)
         .await
         .map_err(self.db("list nodes"))?;
         Ok(rows
             .into_iter()
-            .map(|(node, started, heartbeat)| NodeInfo {
+            .map(|(node, started, heartbeat, running)| NodeInfo {
                 node,
                 started_at: from_epoch(started),
                 heartbeat_at: from_epoch(heartbeat),
+                running: running.iter().filter_map(|k| k.parse().ok()).collect(),
             })
             .collect())
     }

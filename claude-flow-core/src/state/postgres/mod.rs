@@ -96,6 +96,8 @@ struct Inner {
     leader: tokio::sync::Mutex<Option<(PgConnection, bool)>>,
     /// The connection that listens for work.
     listener: tokio::sync::Mutex<Option<PgListener>>,
+    /// The connection that listens for changes (the leader's).
+    changes: tokio::sync::Mutex<Option<PgListener>>,
     /// Set once the schema is known to be this binary's: a store opened
     /// with [`PostgresStore::open_lazy`] migrates before its first
     /// statement, and tries again at the next one when that failed.
@@ -170,8 +172,10 @@ impl PostgresStore {
             .test_before_acquire(true)
             .connect_lazy_with(fenced.clone());
         // The listener only reads, and idles by design: no timeout.
+        // Two listeners: for work (every daemon) and for changes (the
+        // leader).
         let listen_pool = PgPoolOptions::new()
-            .max_connections(1)
+            .max_connections(2)
             .acquire_timeout(settings.connect_timeout)
             .connect_lazy_with(options);
         Self {
@@ -183,6 +187,7 @@ impl PostgresStore {
                 settings,
                 leader: tokio::sync::Mutex::new(None),
                 listener: tokio::sync::Mutex::new(None),
+                changes: tokio::sync::Mutex::new(None),
                 schema: tokio::sync::OnceCell::new(),
             }),
         }
@@ -213,6 +218,7 @@ impl PostgresStore {
             let _ = conn.close().await;
         }
         self.inner.listener.lock().await.take();
+        self.inner.changes.lock().await.take();
         self.inner.pool.close().await;
         self.inner.listen_pool.close().await;
     }
@@ -437,12 +443,56 @@ impl StateStore for PostgresStore {
         row.map(|(text,)| from_json(&issue, &text)).transpose()
     }
 
+    /// Several daemons write here, so a write never takes back what
+    /// another did: while an attempt is claimed, or when the stored record
+    /// is ahead of the one written (a later round, more attempts), only the
+    /// leader-owned fields are taken (see
+    /// [`IssueRecord::take_leader_fields`]); a record is marked running
+    /// only by a claim.
     async fn put(&self, record: &IssueRecord) -> Result<(), StoreError> {
         self.ready().await?;
-        upsert(record)?
-            .execute(&self.inner.pool)
-            .await
-            .map_err(self.db("write a record"))?;
+        let what = "write a record";
+        let issue = record.key().to_string();
+        let mut tx = self.inner.pool.begin().await.map_err(self.db(what))?;
+        let row: Option<(String, bool)> = sqlx::query_as(
+            "SELECT record::text, lease_until IS NOT NULL FROM claude_flow_issues \
+             WHERE issue = $1 FOR UPDATE",
+        )
+        .bind(&issue)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(self.db(what))?;
+        match row {
+            Some((text, claimed)) => {
+                let mut stored = from_json(&issue, &text)?;
+                let replace = !claimed
+                    && record.status != IssueStatus::Running
+                    && !stored.is_ahead_of(record);
+                if replace {
+                    upsert(record)?
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(self.db(what))?;
+                } else if stored.take_leader_fields(record) {
+                    sqlx::query(
+                        "UPDATE claude_flow_issues SET record = $2::jsonb, written_at = now() \
+                         WHERE issue = $1",
+                    )
+                    .bind(&issue)
+                    .bind(to_json(&stored)?)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(self.db(what))?;
+                }
+            }
+            None => {
+                upsert(record)?
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(self.db(what))?;
+            }
+        }
+        tx.commit().await.map_err(self.db(what))?;
         Ok(())
     }
 

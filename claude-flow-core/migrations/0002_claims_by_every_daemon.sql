@@ -1,0 +1,33 @@
+-- Every daemon claims and runs workflows (not only the leader): the leader
+-- asks the holder of a claim to stop through the row, and follows what the
+-- others do through a second notification channel.
+
+-- Set by the leader or an operator to stop a claimed attempt: 'operator'
+-- (cancelled by an operator) or 'unwanted' (no longer eligible at its
+-- source). The holder sees it at its next renewal, at once when woken.
+ALTER TABLE claude_flow_issues ADD COLUMN stop_reason text;
+
+-- The leader sends every report, so it must hear of every claim, end and
+-- expiry, whoever wrote it: any change of status, claim or stop request
+-- notifies claude_flow_changed with the issue.
+CREATE FUNCTION claude_flow_notify_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('claude_flow_changed', NEW.issue);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER claude_flow_issues_changed_notify
+    AFTER INSERT OR UPDATE ON claude_flow_issues
+    FOR EACH ROW
+    EXECUTE FUNCTION claude_flow_notify_changed();
+
+-- A stop request wakes the daemons too (the work channel's function of
+-- 0001), so that the holder stops its workflow at once rather than at its
+-- next renewal.
+CREATE TRIGGER claude_flow_issues_stop_notify
+    AFTER UPDATE OF stop_reason ON claude_flow_issues
+    FOR EACH ROW
+    WHEN (NEW.stop_reason IS NOT NULL AND NEW.lease_until IS NOT NULL)
+    EXECUTE FUNCTION claude_flow_notify_work();

@@ -1,0 +1,210 @@
+//! The leader's side of several daemons sharing a store: the workers of
+//! every daemon claim, run and finish attempts in the store, and the
+//! leader follows those changes (through the store's change
+//! notifications) to report them, count them, and act on quota exits. It
+//! also asks workers to stop attempts (an operator's cancel, an issue no
+//! longer eligible) and takes back the attempts whose leases ran out.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::super::Settings;
+use super::super::attempt;
+use super::super::reporter::Reporter;
+use super::Engine;
+use crate::error::Error;
+use crate::issue::IssueKey;
+use crate::record::{AttemptOutcome, IssueRecord, IssueStatus};
+use crate::state::{Changes, Coordination, StopRequest};
+
+/// After the store failed to say what changed: how long before asking
+/// again (the leadership keeper notices a real outage).
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Follows the store's changes on a task of its own, so that the loop
+/// never waits on the notification connection.
+pub(super) fn spawn_changes(
+    coordination: Arc<dyn Coordination>,
+) -> (JoinHandle<()>, mpsc::Receiver<Changes>) {
+    let (tx, rx) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        let lease = coordination.lease();
+        loop {
+            match coordination.changes(lease).await {
+                Ok(Changes::None) => {}
+                Ok(changes) => {
+                    if tx.send(changes).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot follow the store's changes");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+    });
+    (task, rx)
+}
+
+impl Engine {
+    /// Records changed in the store: each is taken in.
+    pub(super) async fn on_changes(
+        &mut self,
+        changes: Changes,
+        settings: &Settings,
+        reporter: &Reporter,
+    ) {
+        let records = match changes {
+            Changes::None => return,
+            Changes::All => self.shared.store.load().await,
+            Changes::Issues(keys) => {
+                let mut records = Vec::with_capacity(keys.len());
+                let mut failed = None;
+                for key in keys {
+                    match self.shared.store.get(&key).await {
+                        Ok(Some(record)) => records.push(record),
+                        Ok(None) => {}
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                failed.map_or(Ok(records), Err)
+            }
+        };
+        match records {
+            Ok(records) => {
+                for record in records {
+                    self.follow(record, settings, reporter).await;
+                }
+            }
+            // Read again at the next change, or all at once after the
+            // listener reconnects.
+            Err(e) => tracing::warn!(error = %e, "cannot read changed records"),
+        }
+        self.publish(reporter, |_| {});
+    }
+
+    /// Takes in a record as a worker (or an operator) left it: attempts
+    /// that started or ended since the loop's copy, with the reports this
+    /// leader made kept.
+    async fn follow(&mut self, mut stored: IssueRecord, settings: &Settings, reporter: &Reporter) {
+        let key = stored.key().clone();
+        let memory = self.records.get(&key).cloned();
+        let Some(memory) = memory else {
+            self.note_running(&stored);
+            self.set_record(stored);
+            self.want_report(&key, reporter);
+            return;
+        };
+        // The reports this leader made are newer than any worker's copy.
+        let newer_reports = stored.take_leader_fields(&memory);
+        if stored == memory {
+            return;
+        }
+        let ended: Vec<_> = stored
+            .attempts
+            .iter()
+            .filter(|a| {
+                a.outcome.is_some()
+                    && !memory
+                        .attempts
+                        .iter()
+                        .any(|b| b.run_id == a.run_id && b.outcome.is_some())
+            })
+            .cloned()
+            .collect();
+        for attempt in &ended {
+            self.attempt_ended(&key, attempt, settings).await;
+        }
+        if stored.status.is_settled() && !memory.status.is_settled() {
+            self.count_settled(&key, stored.status);
+        }
+        self.note_running(&stored);
+        if newer_reports && let Err(e) = self.shared.store.put_relaxed(&stored).await {
+            tracing::warn!(issue = %key, error = %e, "cannot note what was reported; it is reported again");
+        }
+        self.set_record(stored);
+        self.want_report(&key, reporter);
+    }
+
+    /// Keeps `remote` in step with whether the record has a running
+    /// attempt.
+    fn note_running(&mut self, record: &IssueRecord) {
+        let key = record.key();
+        match record.last_attempt() {
+            Some(attempt) if record.status == IssueStatus::Running => {
+                self.remote.insert(key.clone(), attempt.run_id.clone());
+            }
+            _ => {
+                self.remote.remove(key);
+            }
+        }
+    }
+
+    /// Takes back every attempt whose lease ran out (its daemon died or
+    /// lost the database): interrupted, queued again unless that happened
+    /// `service.max_interruptions` times in a row.
+    pub(super) async fn expire(&mut self, settings: &Settings, reporter: &Reporter) {
+        let Some(coordination) = self.coordination.clone() else {
+            return;
+        };
+        let lease = coordination.lease();
+        self.next_expire = Instant::now() + lease / 3;
+        let now = SystemTime::now();
+        let given = settings.clone();
+        let settle = move |record: &mut IssueRecord| {
+            if let Some(attempt) = record.attempts.last_mut()
+                && attempt.outcome.is_none()
+            {
+                attempt.outcome = Some(AttemptOutcome::Interrupted);
+                attempt.finished_at = Some(now);
+            }
+            let span = tracing::info_span!("issue", issue = %record.key(), round = record.round);
+            span.in_scope(|| attempt::interrupted(record, &given));
+        };
+        match tokio::time::timeout(lease / 4, coordination.expire(&settle)).await {
+            Ok(Ok(records)) => {
+                for record in records {
+                    tracing::warn!(issue = %record.key(), "the daemon running this attempt stopped renewing its lease: the attempt is interrupted");
+                    self.follow(record, settings, reporter).await;
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot look for leases that ran out"),
+            Err(_) => tracing::warn!("cannot look for leases that ran out: no answer"),
+        }
+    }
+
+    /// Asks the daemon running `key`'s attempt to stop it.
+    pub(super) async fn stop_remote(
+        &self,
+        key: &IssueKey,
+        reason: StopRequest,
+    ) -> Result<(), Error> {
+        let (Some(coordination), Some(run_id)) = (&self.coordination, self.remote.get(key)) else {
+            return Ok(());
+        };
+        coordination.request_stop(key, run_id, reason).await?;
+        Ok(())
+    }
+
+    /// Asks for every running attempt of an issue the last poll did not
+    /// find eligible to stop.
+    pub(super) async fn stop_remote_unwanted(&self) {
+        let unwanted: Vec<IssueKey> = self
+            .remote
+            .keys()
+            .filter(|k| !self.eligible.contains(*k))
+            .cloned()
+            .collect();
+        for key in unwanted {
+            tracing::info!(issue = %key, "no longer eligible: asking its daemon to stop the running workflow");
+            if let Err(e) = self.stop_remote(&key, StopRequest::Unwanted).await {
+                tracing::warn!(issue = %key, error = %e, "cannot ask for the workflow to stop; asking again at the next poll");
+            }
+        }
+    }
+}
