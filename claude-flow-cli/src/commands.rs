@@ -272,11 +272,25 @@ async fn change(config: &Config, arg: &IssueArg, change: Change) -> Result<(), F
         }
         return Ok(());
     }
-    let store = open_for_writing(config)?;
-    let record = match change {
-        Change::Retry => ops::retry(&store, &key).await?,
-        Change::Cancel => ops::cancel(&store, &key).await?,
+    let record = match shared_store(config).await? {
+        Some(store) => match change {
+            Change::Retry => ops::retry(&store, &key).await?,
+            Change::Cancel => ops::cancel_shared(&store, &store, &key).await?,
+        },
+        None => {
+            let store = open_for_writing(config)?;
+            match change {
+                Change::Retry => ops::retry(&store, &key).await?,
+                Change::Cancel => ops::cancel(&store, &key).await?,
+            }
+        }
     };
+    if matches!(change, Change::Cancel) && record.status == IssueStatus::Running {
+        return outln!(
+            "{}: asked its daemon to stop the running workflow; the issue settles as cancelled",
+            record.key()
+        );
+    }
     outln!(
         "{}: {} (round {})",
         record.key(),
@@ -291,6 +305,10 @@ async fn resume(config: &Config) -> Result<(), Failure> {
     if let Some(pid) = owning_service(config) {
         let client = operator_client(config)?;
         let resumed = client.resume().await.map_err(|e| api_failure(pid, e))?;
+        return outln!("{}", resumed.describe());
+    }
+    if let Some(store) = shared_store(config).await? {
+        let resumed = ops::resume_shared(&store).await?;
         return outln!("{}", resumed.describe());
     }
     let store = open_for_writing(config)?;
@@ -316,11 +334,22 @@ pub(crate) fn operator_client(config: &Config) -> Result<ApiClient, Failure> {
 
 /// The state store with its lock, for a change made with no service
 /// running; a running service without an HTTP API is named.
+/// With `store.kind` `"postgres"`, the database, in which an operator's
+/// change is safe from any host while daemons run.
+async fn shared_store(
+    config: &Config,
+) -> Result<Option<claude_flow_core::state::PostgresStore>, Failure> {
+    if config.store.kind != StoreKind::Postgres {
+        return Ok(None);
+    }
+    Ok(Some(state::read_database(config).await?))
+}
+
 pub(crate) fn open_for_writing(config: &Config) -> Result<FileStore, Failure> {
     if config.store.kind == StoreKind::Postgres {
         return Err(Failure::other(
-            "with store.kind \"postgres\" the daemons own the records: changes go through a \
-             running daemon's HTTP API, and service.listen is empty here",
+            "with store.kind \"postgres\" the daemons own the records: this command goes \
+             through a running daemon's HTTP API, and service.listen is empty here",
         ));
     }
     match FileStore::open(&config.service.state_dir) {

@@ -31,3 +31,18 @@ CREATE TRIGGER claude_flow_issues_stop_notify
     FOR EACH ROW
     WHEN (NEW.stop_reason IS NOT NULL AND NEW.lease_until IS NOT NULL)
     EXECUTE FUNCTION claude_flow_notify_work();
+
+-- The service state (a quota pause) can be changed by any daemon (an
+-- operator's resume at a follower): the leader reads it again.
+CREATE FUNCTION claude_flow_notify_service() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('claude_flow_changed', 'service');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER claude_flow_service_changed_notify
+    AFTER INSERT OR UPDATE ON claude_flow_service
+    FOR EACH ROW
+    EXECUTE FUNCTION claude_flow_notify_service();

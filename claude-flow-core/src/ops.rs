@@ -1,13 +1,17 @@
 //! What an operator asks of the state directly, with no service involved:
 //! naming an issue, retrying it, cancelling it, ending a quota pause. The
-//! CLI and the service's HTTP API share these.
+//! CLI and the service's HTTP API share these. With a store several
+//! daemons share, [`cancel_shared`] and [`resume_shared`] work from any
+//! host, daemons running or not: the leader follows the store's changes,
+//! and the daemon running an attempt sees a stop request.
 
 use std::time::SystemTime;
 
+use crate::api::Resumed;
 use crate::error::Error;
 use crate::issue::{IssueKey, RepoId};
 use crate::record::{IssueRecord, IssueStatus, ServiceState};
-use crate::state::StateStore;
+use crate::state::{Coordination, StateStore, StopRequest};
 
 /// Parses an issue argument: `<n>` when exactly one repository is
 /// configured, else `owner/name#<n>`.
@@ -80,6 +84,71 @@ pub async fn resume(store: &dyn StateStore) -> Result<ServiceState, Error> {
     let before = store.load_service().await?;
     store.put_service(&ServiceState::default()).await?;
     Ok(before)
+}
+
+/// Cancels an issue in a store several daemons share (at a follower, or
+/// from the CLI on any host): a running attempt is asked to stop (its daemon stops
+/// the workflow and settles the round as cancelled); a waiting one is
+/// settled now.
+pub async fn cancel_shared(
+    store: &dyn StateStore,
+    coordination: &dyn Coordination,
+    key: &IssueKey,
+) -> Result<IssueRecord, Error> {
+    for _ in 0..3 {
+        let record = store
+            .get(key)
+            .await?
+            .ok_or_else(|| Error::UnknownIssue(key.clone()))?;
+        if record.status == IssueStatus::Running {
+            let run_id = record
+                .last_attempt()
+                .map(|a| a.run_id.clone())
+                .unwrap_or_default();
+            if coordination
+                .request_stop(key, &run_id, StopRequest::Operator)
+                .await?
+            {
+                tracing::info!(issue = %key, "cancelled by an operator: asked its daemon to stop the running workflow");
+                return Ok(record);
+            }
+            // It ended meanwhile: look again.
+            continue;
+        }
+        let cancelled = crate::ops::cancel(store, key).await?;
+        // A claim that came first keeps the record running (the store
+        // never takes a claim back): stop it instead.
+        match store.get(key).await? {
+            Some(now) if now.status == IssueStatus::Running => continue,
+            _ => return Ok(cancelled),
+        }
+    }
+    Err(Error::Conflict(format!(
+        "{key} keeps changing under the cancel (starting and ending); try again"
+    )))
+}
+
+/// Ends a quota pause in a store several daemons share, for every daemon
+/// (the leader reads the service state again when it changes).
+pub async fn resume_shared(store: &dyn StateStore) -> Result<Resumed, Error> {
+    let before = store.load_service().await?;
+    let after = ServiceState {
+        paused_until: None,
+        pause_reason: None,
+        quota_exits: 0,
+        ..before.clone()
+    };
+    store.put_service(&after).await?;
+    let lifted = Resumed {
+        lifted_until: before
+            .paused_until
+            .filter(|until| *until > SystemTime::now()),
+        pause_reason: before.pause_reason,
+    };
+    if let Some(until) = lifted.lifted_until {
+        tracing::info!(until = %humantime::format_rfc3339_seconds(until), "the quota pause was ended by an operator");
+    }
+    Ok(lifted)
 }
 
 async fn known(store: &dyn StateStore, key: &IssueKey) -> Result<IssueRecord, Error> {

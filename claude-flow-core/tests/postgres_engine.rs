@@ -248,6 +248,96 @@ async fn every_daemon_claims_and_runs_workflows_not_only_the_leader() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_cancels_at_a_follower_and_the_daemon_running_it_stops_it() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let source = Arc::new(MemorySource::new([issue(1)]));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let mut daemons = Vec::new();
+    for node in ["a", "b"] {
+        let started = Arc::clone(&started);
+        let runner = FnRunner::new(move |_job, cancel| {
+            let started = Arc::clone(&started);
+            async move {
+                started.notify_one();
+                cancel.cancelled().await;
+                Ok(ended(ExitKind::Cancelled))
+            }
+        });
+        let store = PostgresStore::connect(&db.url, PostgresSettings::default())
+            .await
+            .unwrap();
+        let orchestrator = Arc::new(
+            Orchestrator::builder()
+                .source(Arc::clone(&source) as Arc<dyn claude_flow_core::IssueSource>)
+                .runner(Arc::new(runner))
+                .store(Arc::new(store))
+                .settings(Settings {
+                    poll_interval: Duration::from_millis(100),
+                    node: node.to_owned(),
+                    ..Settings::default()
+                })
+                .build()
+                .unwrap(),
+        );
+        let shutdown = CancellationToken::new();
+        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
+        let task = tokio::spawn(async move { o.run(s).await });
+        daemons.push((orchestrator, shutdown, task));
+    }
+    tokio::time::timeout(PATIENCE, started.notified())
+        .await
+        .unwrap();
+    // The follower: whichever daemon does not lead.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let follower = loop {
+        if let Some((o, _, _)) = daemons
+            .iter()
+            .find(|(o, _, _)| o.status().role == Some(claude_flow_core::Role::Follower))
+        {
+            break Arc::clone(o);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no follower");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    follower.cancel(&key(1)).await.unwrap();
+
+    let observer = PostgresStore::connect(&db.url, PostgresSettings::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let record = observer.get(&key(1)).await.unwrap().unwrap();
+        let reported = source
+            .reports()
+            .iter()
+            .any(|r| matches!(r, claude_flow_core::Reported::Cancelled(..)));
+        if record.status == IssueStatus::Cancelled && reported {
+            assert_eq!(
+                record.last_error.as_deref(),
+                Some("cancelled by an operator")
+            );
+            assert_eq!(
+                record.attempts[0].outcome,
+                Some(claude_flow_core::AttemptOutcome::Cancelled)
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not cancelled and reported: {record:?} {:?}",
+            source.reports()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (_, shutdown, task) in daemons {
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    }
+}
+
 /// A TCP proxy to the database that the test can cut: a cut holds every
 /// byte in both directions and keeps the sockets open, as a dead network
 /// does (nothing tells either side).

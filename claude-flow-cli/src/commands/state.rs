@@ -71,7 +71,11 @@ impl<'a> ReadState<'a> {
     }
 }
 
-async fn read_database(config: &Config) -> Result<claude_flow_core::state::PostgresStore, Failure> {
+/// The database of `store.postgres.url`, whose schema must be this
+/// binary's (the CLI never migrates it).
+pub(crate) async fn read_database(
+    config: &Config,
+) -> Result<claude_flow_core::state::PostgresStore, Failure> {
     use claude_flow_core::state::{PostgresSettings, PostgresStore};
     let url = config.postgres_url().map_err(Error::from)?;
     let settings = PostgresSettings::from_config(&config.store.postgres);

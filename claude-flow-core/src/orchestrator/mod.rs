@@ -422,6 +422,9 @@ impl Orchestrator {
     /// Queues an issue again, through the running loop: a new round for a
     /// settled issue, an attempt as soon as possible for a waiting one.
     pub async fn retry(&self, key: &IssueKey) -> Result<IssueRecord, Error> {
+        if self.following() {
+            return crate::ops::retry(&*self.shared.store, key).await;
+        }
         self.command(|reply| Command::Retry(key.clone(), reply))
             .await
     }
@@ -430,6 +433,9 @@ impl Orchestrator {
     /// stopped (SIGTERM, then SIGKILL) and the issue settles as cancelled;
     /// the source is told (trigger and in-progress labels removed).
     pub async fn cancel(&self, key: &IssueKey) -> Result<IssueRecord, Error> {
+        if let Some(coordination) = self.following_coordination() {
+            return crate::ops::cancel_shared(&*self.shared.store, &*coordination, key).await;
+        }
         self.command(|reply| Command::Cancel(key.clone(), reply))
             .await
     }
@@ -437,6 +443,9 @@ impl Orchestrator {
     /// Ends a quota pause now, through the running loop; says which pause
     /// it ended (none when the service was not paused).
     pub async fn resume(&self) -> Result<crate::api::Resumed, Error> {
+        if self.following() {
+            return crate::ops::resume_shared(&*self.shared.store).await;
+        }
         self.command(Command::Resume).await
     }
 
@@ -446,6 +455,23 @@ impl Orchestrator {
     /// removes nothing. Never touches a running or waiting issue's files.
     pub async fn prune(&self, dry_run: bool) -> Result<PruneReport, Error> {
         self.command(|reply| Command::Prune(dry_run, reply)).await
+    }
+
+    /// With a store several daemons share, while another daemon leads:
+    /// operator commands go to the store, where the leader and the worker
+    /// holding the issue see them.
+    fn following(&self) -> bool {
+        self.following_coordination().is_some()
+    }
+
+    fn following_coordination(&self) -> Option<Arc<dyn Coordination>> {
+        if self.engine_running.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.shared
+            .store
+            .coordination()
+            .filter(|_| self.status.borrow().role == Some(Role::Follower))
     }
 
     async fn command<T>(

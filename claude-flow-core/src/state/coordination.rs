@@ -121,7 +121,8 @@ pub enum Changes {
     /// These issues' records changed (claimed, ended, expired, written).
     Issues(Vec<IssueKey>),
     /// Changes may have been missed (the first look, or a lost
-    /// connection): read every record again.
+    /// connection), or the service state changed: read every record and
+    /// the service state again.
     All,
 }
 

@@ -61,7 +61,20 @@ impl Engine {
     ) {
         let records = match changes {
             Changes::None => return,
-            Changes::All => self.shared.store.load().await,
+            Changes::All => {
+                // An operator's resume at another daemon lands here.
+                match self.shared.store.load_service().await {
+                    Ok(service) if service != self.service => {
+                        if service.paused_until.is_none() && self.service.paused_until.is_some() {
+                            tracing::info!("the quota pause was ended by an operator");
+                        }
+                        self.service = service;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot read the service state"),
+                }
+                self.shared.store.load().await
+            }
             Changes::Issues(keys) => {
                 let mut records = Vec::with_capacity(keys.len());
                 let mut failed = None;

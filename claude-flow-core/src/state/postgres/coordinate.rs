@@ -329,18 +329,23 @@ impl Coordination for PostgresStore {
             Err(_) => Ok(Changes::None),
             Ok(Ok(Some(first))) => {
                 let mut keys = Vec::new();
-                let mut push = |payload: &str| {
-                    if let Ok(key) = payload.parse::<IssueKey>()
-                        && !keys.contains(&key)
-                    {
-                        keys.push(key);
-                    }
+                // Anything but an issue (the service state) is read again
+                // with everything else.
+                let mut all = false;
+                let mut push = |payload: &str| match payload.parse::<IssueKey>() {
+                    Ok(key) if !keys.contains(&key) => keys.push(key),
+                    Ok(_) => {}
+                    Err(_) => all = true,
                 };
                 push(first.payload());
                 while let Some(more) = listener.next_buffered() {
                     push(more.payload());
                 }
-                Ok(Changes::Issues(keys))
+                Ok(if all {
+                    Changes::All
+                } else {
+                    Changes::Issues(keys)
+                })
             }
             // The connection dropped: the listener reconnects at the next
             // look, and whatever changed meanwhile is read again.
