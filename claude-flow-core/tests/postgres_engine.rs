@@ -338,6 +338,67 @@ async fn an_operator_cancels_at_a_follower_and_the_daemon_running_it_stops_it() 
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_a_follower_to_poll_now_makes_the_leader_poll() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let source = Arc::new(MemorySource::new([]));
+    let running = Arc::new(Running::default());
+    // Polls an hour apart: only a wake-up can find the new issue in time.
+    let mut daemons = Vec::new();
+    for node in ["a", "b"] {
+        let store = PostgresStore::connect(&db.url, PostgresSettings::default())
+            .await
+            .unwrap();
+        let orchestrator = Arc::new(
+            Orchestrator::builder()
+                .source(Arc::clone(&source) as Arc<dyn claude_flow_core::IssueSource>)
+                .runner(Arc::new(runner(Arc::clone(&running))))
+                .store(Arc::new(store))
+                .settings(Settings {
+                    poll_interval: Duration::from_secs(3600),
+                    node: node.to_owned(),
+                    ..Settings::default()
+                })
+                .build()
+                .unwrap(),
+        );
+        let shutdown = CancellationToken::new();
+        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
+        let task = tokio::spawn(async move { o.run(s).await });
+        daemons.push((orchestrator, shutdown, task));
+    }
+    // Wait for a leader that has polled, and a follower.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let follower = loop {
+        let polled = daemons
+            .iter()
+            .any(|(o, _, _)| o.status().last_poll.is_some());
+        let follower = daemons
+            .iter()
+            .find(|(o, _, _)| o.status().role == Some(claude_flow_core::Role::Follower));
+        if let (true, Some((o, _, _))) = (polled, follower) {
+            break Arc::clone(o);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no polled leader and follower"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    source.push(issue(1));
+    follower.poll_now();
+    let observer = PostgresStore::connect(&db.url, PostgresSettings::default())
+        .await
+        .unwrap();
+    wait_done(&observer, 1..=1).await;
+    for (_, shutdown, task) in daemons {
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    }
+}
+
 /// A TCP proxy to the database that the test can cut: a cut holds every
 /// byte in both directions and keeps the sockets open, as a dead network
 /// does (nothing tells either side).

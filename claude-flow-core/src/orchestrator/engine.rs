@@ -142,7 +142,7 @@ impl Engine {
         );
         let (changes_task, mut changes) = match &self.coordination {
             Some(coordination) => {
-                let (task, changes) = follow::spawn_changes(Arc::clone(coordination));
+                let (task, changes) = follow::spawn_changes(Arc::clone(coordination)).await;
                 (Some(task), changes)
             }
             None => (None, tokio::sync::mpsc::channel(1).1),

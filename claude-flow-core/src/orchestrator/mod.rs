@@ -377,6 +377,17 @@ impl Orchestrator {
 
     /// Asks a running loop to poll now instead of at the next interval.
     pub fn poll_now(&self) {
+        // At a follower, the leader polls: it is woken through the store.
+        if let Some(coordination) = self.following_coordination()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Err(e) = coordination.wake_leader().await {
+                    tracing::warn!(error = %e, "cannot ask the leader to poll now; it polls at its interval");
+                }
+            });
+            return;
+        }
         self.poll_now.notify_one();
     }
 

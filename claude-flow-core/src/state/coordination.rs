@@ -114,16 +114,32 @@ impl StopRequest {
 
 /// What changed in the store since the last look
 /// ([`Coordination::changes`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Changes {
-    /// Nothing within the wait.
-    None,
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
     /// These issues' records changed (claimed, ended, expired, written).
-    Issues(Vec<IssueKey>),
+    pub issues: Vec<IssueKey>,
     /// Changes may have been missed (the first look, or a lost
     /// connection), or the service state changed: read every record and
     /// the service state again.
-    All,
+    pub reload: bool,
+    /// A daemon was asked to poll now (a webhook it received): the leader
+    /// polls.
+    pub poll: bool,
+}
+
+impl Changes {
+    /// Everything is to be read again.
+    pub fn reload() -> Self {
+        Self {
+            reload: true,
+            ..Self::default()
+        }
+    }
+
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.issues.is_empty() && !self.reload && !self.poll
+    }
 }
 
 /// A daemon sharing the store, as `status` shows it.
@@ -213,6 +229,9 @@ pub trait Coordination: Send + Sync {
     /// Waits until work may have arrived (an issue became ready) or
     /// `timeout` passed. Returns whether it was woken.
     async fn wait_for_work(&self, timeout: Duration) -> Result<bool, StoreError>;
+
+    /// Asks the leader to poll now (a webhook reached a follower).
+    async fn wake_leader(&self) -> Result<(), StoreError>;
 
     /// Records that `node` is alive now.
     async fn heartbeat(&self, node: &str) -> Result<(), StoreError>;

@@ -26,16 +26,23 @@ use crate::state::{Changes, Coordination, StopRequest};
 const RETRY: Duration = Duration::from_secs(1);
 
 /// Follows the store's changes on a task of its own, so that the loop
-/// never waits on the notification connection.
-pub(super) fn spawn_changes(
+/// never waits on the notification connection. Returns once it listens
+/// (or failed to, at the first try), so that nothing said after the
+/// leader's first poll is missed.
+pub(super) async fn spawn_changes(
     coordination: Arc<dyn Coordination>,
 ) -> (JoinHandle<()>, mpsc::Receiver<Changes>) {
     let (tx, rx) = mpsc::channel(16);
+    let lease = coordination.lease();
+    // The first look sets up the listener and asks for everything to be
+    // read, which the loop's recovery has just done.
+    if let Err(e) = tokio::time::timeout(lease / 4, coordination.changes(Duration::ZERO)).await {
+        tracing::debug!(error = %e, "cannot listen for the store's changes yet");
+    }
     let task = tokio::spawn(async move {
-        let lease = coordination.lease();
         loop {
             match coordination.changes(lease).await {
-                Ok(Changes::None) => {}
+                Ok(changes) if changes.is_empty() => {}
                 Ok(changes) => {
                     if tx.send(changes).await.is_err() {
                         return;
@@ -59,34 +66,33 @@ impl Engine {
         settings: &Settings,
         reporter: &Reporter,
     ) {
-        let records = match changes {
-            Changes::None => return,
-            Changes::All => {
-                // An operator's resume at another daemon lands here.
-                match self.shared.store.load_service().await {
-                    Ok(service) if service != self.service => {
-                        if service.paused_until.is_none() && self.service.paused_until.is_some() {
-                            tracing::info!("the quota pause was ended by an operator");
-                        }
-                        self.service = service;
+        if changes.poll {
+            self.poll_now.notify_one();
+        }
+        let records = if changes.reload {
+            // An operator's resume at another daemon lands here.
+            match self.shared.store.load_service().await {
+                Ok(service) if service != self.service => {
+                    if service.paused_until.is_none() && self.service.paused_until.is_some() {
+                        tracing::info!("the quota pause was ended by an operator");
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot read the service state"),
+                    self.service = service;
                 }
-                self.shared.store.load().await
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the service state"),
             }
-            Changes::Issues(keys) => {
-                let mut records = Vec::with_capacity(keys.len());
-                let mut failed = None;
-                for key in keys {
-                    match self.shared.store.get(&key).await {
-                        Ok(Some(record)) => records.push(record),
-                        Ok(None) => {}
-                        Err(e) => failed = Some(e),
-                    }
+            self.shared.store.load().await
+        } else {
+            let mut records = Vec::with_capacity(changes.issues.len());
+            let mut failed = None;
+            for key in &changes.issues {
+                match self.shared.store.get(key).await {
+                    Ok(Some(record)) => records.push(record),
+                    Ok(None) => {}
+                    Err(e) => failed = Some(e),
                 }
-                failed.map_or(Ok(records), Err)
             }
+            failed.map_or(Ok(records), Err)
         };
         match records {
             Ok(records) => {

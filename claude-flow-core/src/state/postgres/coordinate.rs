@@ -39,6 +39,12 @@ const CHANNEL: &str = "claude_flow_work";
 /// The channel of every change (migration 0002), which the leader follows.
 const CHANGED: &str = "claude_flow_changed";
 
+/// On [`CHANGED`]: the service state changed (migration 0002's trigger).
+const SERVICE: &str = "service";
+
+/// On [`CHANGED`]: a daemon asks the leader to poll now.
+const POLL: &str = "poll";
+
 #[async_trait]
 impl Coordination for PostgresStore {
     async fn claim(
@@ -323,33 +329,31 @@ impl Coordination for PostgresStore {
                 .map_err(self.db("listen for changes"))?;
             *slot = Some(listener);
             // What changed before the listener was there is not known.
-            return Ok(Changes::All);
+            return Ok(Changes::reload());
         };
         match tokio::time::timeout(timeout, listener.try_recv()).await {
-            Err(_) => Ok(Changes::None),
+            Err(_) => Ok(Changes::default()),
             Ok(Ok(Some(first))) => {
-                let mut keys = Vec::new();
-                // Anything but an issue (the service state) is read again
-                // with everything else.
-                let mut all = false;
-                let mut push = |payload: &str| match payload.parse::<IssueKey>() {
-                    Ok(key) if !keys.contains(&key) => keys.push(key),
-                    Ok(_) => {}
-                    Err(_) => all = true,
+                let mut changes = Changes::default();
+                let mut take = |payload: &str| match payload {
+                    POLL => changes.poll = true,
+                    // The service state: read again with everything else.
+                    SERVICE => changes.reload = true,
+                    _ => match payload.parse::<IssueKey>() {
+                        Ok(key) if !changes.issues.contains(&key) => changes.issues.push(key),
+                        Ok(_) => {}
+                        Err(_) => changes.reload = true,
+                    },
                 };
-                push(first.payload());
+                take(first.payload());
                 while let Some(more) = listener.next_buffered() {
-                    push(more.payload());
+                    take(more.payload());
                 }
-                Ok(if all {
-                    Changes::All
-                } else {
-                    Changes::Issues(keys)
-                })
+                Ok(changes)
             }
             // The connection dropped: the listener reconnects at the next
             // look, and whatever changed meanwhile is read again.
-            Ok(Ok(None)) => Ok(Changes::All),
+            Ok(Ok(None)) => Ok(Changes::reload()),
             Ok(Err(e)) => {
                 slot.take();
                 Err(super::database_error(
@@ -396,6 +400,17 @@ impl Coordination for PostgresStore {
                 ))
             }
         }
+    }
+
+    async fn wake_leader(&self) -> Result<(), StoreError> {
+        self.ready().await?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANGED)
+            .bind(POLL)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(self.db("wake the leader"))?;
+        Ok(())
     }
 
     async fn heartbeat(&self, node: &str) -> Result<(), StoreError> {
