@@ -727,7 +727,7 @@ const NODES_WAIT: Duration = Duration::from_secs(2);
 
 /// Every daemon sharing the store, with the attempts each runs; nothing
 /// when the store is one daemon's, or does not answer in time.
-async fn nodes(store: &dyn StateStore) -> Vec<NodeStatus> {
+pub(crate) async fn nodes(store: &dyn StateStore) -> Vec<NodeStatus> {
     let Some(coordination) = store.coordination() else {
         return Vec::new();
     };

@@ -150,6 +150,27 @@ async fn a_second_daemon_follows_the_first_and_both_are_listed() {
             .map(|n| n["node"].as_str().unwrap())
             .collect();
         assert_eq!(nodes, ["first", "second"], "{first_body}");
+        // The console shows every daemon too.
+        let page = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                reqwest::Client::builder()
+                    .no_proxy()
+                    .build()
+                    .unwrap()
+                    .get(format!("http://{}/", second.listen))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap()
+            });
+        assert!(page.contains("id=\"daemons\""), "{page}");
+        assert!(page.contains("second (this daemon)"), "{page}");
+        assert!(page.contains(">first<"), "{page}");
     })
     .await
     .unwrap();

@@ -3,7 +3,8 @@
 
 use std::time::SystemTime;
 
-use claude_flow_core::{IssueRecord, IssueStatus, Settings, Status};
+use claude_flow_core::api::NodeStatus;
+use claude_flow_core::{IssueRecord, IssueStatus, RunningAttempt, Settings, Status};
 use maud::{Markup, html};
 
 use super::layout::{
@@ -14,13 +15,29 @@ use super::timeline;
 /// Settled issues shown, newest first.
 const RECENT: usize = 20;
 
-/// The home page over the orchestrator's status and every record.
+/// The home page over the orchestrator's status and every record; with
+/// several daemons, `nodes` says what each runs.
 pub(super) fn render(
     status: &Status,
     settings: &Settings,
     records: &[IssueRecord],
+    nodes: &[NodeStatus],
     now: SystemTime,
 ) -> Markup {
+    // With several daemons, what every daemon runs, by node.
+    let running: Vec<(Option<&str>, &RunningAttempt)> = if nodes.is_empty() {
+        status.running.iter().map(|r| (None, r)).collect()
+    } else {
+        nodes
+            .iter()
+            .flat_map(|n| n.running.iter().map(move |r| (Some(n.node.as_str()), r)))
+            .collect()
+    };
+    let capacity = if nodes.is_empty() {
+        format!("{} of {}", running.len(), settings.max_concurrent)
+    } else {
+        format!("{} on {} daemons", running.len(), nodes.len())
+    };
     let title_of = |key| {
         records
             .iter()
@@ -37,21 +54,43 @@ pub(super) fn render(
     let body = html! {
         (service_state(status, now))
         section #running {
-            h2 { "Running " span.count { (status.running.len()) " of " (settings.max_concurrent) } }
-            @if status.running.is_empty() {
+            h2 { "Running " span.count { (capacity) } }
+            @if running.is_empty() {
                 p.empty { "Nothing runs now." }
             } @else {
                 table {
-                    thead { tr { th { "issue" } th { "title" } th { "round" } th { "attempt" } th { "running for" } th {} } }
+                    thead { tr { th { "issue" } th { "title" } @if !nodes.is_empty() { th { "node" } } th { "round" } th { "attempt" } th { "running for" } th {} } }
                     tbody {
-                        @for run in &status.running {
+                        @for (node, run) in &running {
                             tr.running {
                                 td { (issue_link(&run.issue)) }
                                 td.title { (title_of(&run.issue)) }
+                                @if let Some(node) = node { td.node { (node) } }
                                 td.num { (run.round) }
                                 td.num { (run.attempt) " of " (settings.max_attempts) }
                                 td { (elapsed(run.started_at, now)) }
                                 td { (action_button("Cancel", &super::layout::action_href(&run.issue, "cancel"))) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if !nodes.is_empty() {
+            section #daemons {
+                h2 { "Daemons " span.count { (nodes.len()) } }
+                table {
+                    thead { tr { th { "node" } th { "running" } th { "last heartbeat" } th { "up since" } } }
+                    tbody {
+                        @for n in nodes {
+                            tr {
+                                td.node {
+                                    (n.node)
+                                    @if n.node == settings.node { " (this daemon)" }
+                                }
+                                td.num { (n.running.len()) }
+                                td { (elapsed(n.heartbeat_at, now)) " ago" }
+                                td { (when(n.started_at, now)) }
                             }
                         }
                     }

@@ -64,10 +64,11 @@ pub(crate) fn routes() -> Router<HttpState> {
 async fn home(State(state): State<HttpState>) -> Response {
     let status = state.orchestrator().status();
     let settings = state.orchestrator().settings();
+    let nodes = crate::http::nodes(&**state.store()).await;
     match state.store().list().await {
         Ok(records) => html_page(
             StatusCode::OK,
-            home::render(&status, &settings, &records, SystemTime::now()),
+            home::render(&status, &settings, &records, &nodes, SystemTime::now()),
         ),
         Err(e) => error_page(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
