@@ -530,7 +530,9 @@ impl Orchestrator {
     ) -> Result<Summary, Error> {
         let node = self.settings.borrow().node.clone();
         self.status.send_modify(|s| s.role = Some(Role::Follower));
-        let worker_stop = CancellationToken::new();
+        // The worker stops with the service (its grace runs beside the
+        // engine's), or when a `run_once` is done.
+        let worker_stop = shutdown.child_token();
         let worker = tokio::spawn(
             worker::Worker::new(
                 Arc::clone(&self.shared),
