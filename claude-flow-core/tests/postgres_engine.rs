@@ -564,3 +564,36 @@ async fn a_leader_cut_off_from_the_database_stops_its_workflow_before_another_ru
     // A cannot record anything any more; it is left to its fate.
     a_task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_into_a_silent_network_gives_up_within_the_lease() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let (upstream, _) = through(db.url.expose(), 0);
+    let proxy = Proxy::start(upstream).await;
+    let (_, via_proxy) = through(db.url.expose(), proxy.port);
+    let lease = Duration::from_secs(2);
+    let store = PostgresStore::connect(
+        &Secret::new(via_proxy),
+        PostgresSettings {
+            lease,
+            ..PostgresSettings::default()
+        },
+    )
+    .await
+    .unwrap();
+    store
+        .put(&claude_flow_core::IssueRecord::new(issue(1)))
+        .await
+        .unwrap();
+    proxy.cut();
+    // The leader's loop must get an answer it can act on (stop leading),
+    // not wait for as long as TCP retries.
+    let answer = tokio::time::timeout(PATIENCE, store.get(&key(1)))
+        .await
+        .expect("the statement gave up");
+    let e = answer.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("no answer from the database"), "{e}");
+}

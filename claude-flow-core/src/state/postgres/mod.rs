@@ -223,6 +223,30 @@ impl PostgresStore {
         self.inner.listen_pool.close().await;
     }
 
+    /// Bounds a statement by the lease: a connection into a network that
+    /// drops everything silently would otherwise hang its caller for as
+    /// long as TCP keeps trying, and the caller (the leader's loop) must
+    /// give up and let another daemon lead.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        statement: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let limit = self.inner.settings.lease;
+        tokio::time::timeout(limit, statement)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Database {
+                    what: what.to_owned(),
+                    message: format!(
+                        "no answer from the database within {}",
+                        humantime::format_duration(limit)
+                    ),
+                    retryable: true,
+                })
+            })
+    }
+
     fn db(&self, what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
         move |e| database_error(what, &e, &self.inner.url)
     }
@@ -425,13 +449,13 @@ impl PostgresStore {
     }
 }
 
-#[async_trait]
-impl StateStore for PostgresStore {
-    async fn load(&self) -> Result<Vec<IssueRecord>, StoreError> {
-        self.list().await
+/// The store's statements, unbounded: the trait bounds each one.
+impl PostgresStore {
+    async fn load_now(&self) -> Result<Vec<IssueRecord>, StoreError> {
+        self.list_now().await
     }
 
-    async fn get(&self, key: &IssueKey) -> Result<Option<IssueRecord>, StoreError> {
+    async fn get_now(&self, key: &IssueKey) -> Result<Option<IssueRecord>, StoreError> {
         self.ready().await?;
         let issue = key.to_string();
         let row: Option<(String,)> =
@@ -449,7 +473,7 @@ impl StateStore for PostgresStore {
     /// leader-owned fields are taken (see
     /// [`IssueRecord::take_leader_fields`]); a record is marked running
     /// only by a claim.
-    async fn put(&self, record: &IssueRecord) -> Result<(), StoreError> {
+    async fn put_now(&self, record: &IssueRecord) -> Result<(), StoreError> {
         self.ready().await?;
         let what = "write a record";
         let issue = record.key().to_string();
@@ -496,7 +520,7 @@ impl StateStore for PostgresStore {
         Ok(())
     }
 
-    async fn list(&self) -> Result<Vec<IssueRecord>, StoreError> {
+    async fn list_now(&self) -> Result<Vec<IssueRecord>, StoreError> {
         self.ready().await?;
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT issue, record::text FROM claude_flow_issues ORDER BY issue")
@@ -508,7 +532,7 @@ impl StateStore for PostgresStore {
             .collect()
     }
 
-    async fn load_service(&self) -> Result<ServiceState, StoreError> {
+    async fn load_service_now(&self) -> Result<ServiceState, StoreError> {
         self.ready().await?;
         let row: Option<(String,)> =
             sqlx::query_as("SELECT state::text FROM claude_flow_service WHERE id")
@@ -525,13 +549,45 @@ impl StateStore for PostgresStore {
         })
     }
 
-    async fn put_service(&self, state: &ServiceState) -> Result<(), StoreError> {
+    async fn put_service_now(&self, state: &ServiceState) -> Result<(), StoreError> {
         self.ready().await?;
         upsert_service(state)?
             .execute(&self.inner.pool)
             .await
             .map_err(self.db("write the service state"))?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl StateStore for PostgresStore {
+    async fn load(&self) -> Result<Vec<IssueRecord>, StoreError> {
+        self.bounded("list records", self.load_now()).await
+    }
+
+    async fn get(&self, key: &IssueKey) -> Result<Option<IssueRecord>, StoreError> {
+        self.bounded("read a record", self.get_now(key)).await
+    }
+
+    /// A write never takes back a claim or a newer attempt: while an
+    /// attempt is claimed, or when the stored record is ahead, only the
+    /// leader-owned fields are taken.
+    async fn put(&self, record: &IssueRecord) -> Result<(), StoreError> {
+        self.bounded("write a record", self.put_now(record)).await
+    }
+
+    async fn list(&self) -> Result<Vec<IssueRecord>, StoreError> {
+        self.bounded("list records", self.list_now()).await
+    }
+
+    async fn load_service(&self) -> Result<ServiceState, StoreError> {
+        self.bounded("read the service state", self.load_service_now())
+            .await
+    }
+
+    async fn put_service(&self, state: &ServiceState) -> Result<(), StoreError> {
+        self.bounded("write the service state", self.put_service_now(state))
+            .await
     }
 
     fn guarantees(&self) -> Guarantees {
