@@ -159,6 +159,17 @@ async fn run_once_keeps_its_records_in_postgres() {
     let list = tokio::task::spawn_blocking(move || {
         let list = fixture.list();
         let show = fixture.stdout(&["show", "2"]);
+        // Status from the database: the daemon that ran the issues is
+        // listed, with nothing running now.
+        let status: serde_json::Value =
+            serde_json::from_str(&fixture.stdout(&["status", "--json"])).unwrap();
+        let nodes = status["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 1, "{status}");
+        assert_eq!(nodes[0]["running"], serde_json::json!([]), "{status}");
+        assert!(
+            show.contains(" on "),
+            "show names the node of each attempt: {show}"
+        );
         // No daemon to ask (service.listen is empty): the operator's
         // changes go to the database, where daemons on any host see them.
         let retried = fixture.stdout(&["retry", "2"]);

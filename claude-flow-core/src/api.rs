@@ -87,6 +87,38 @@ pub struct NodeStatus {
     pub running: Vec<RunningAttempt>,
 }
 
+impl NodeStatus {
+    /// Every daemon as the store lists them, with what each runs (found
+    /// in `records`).
+    pub fn of(
+        nodes: Vec<crate::state::NodeInfo>,
+        records: &[crate::record::IssueRecord],
+    ) -> Vec<Self> {
+        nodes
+            .into_iter()
+            .map(|n| Self {
+                running: n
+                    .running
+                    .iter()
+                    .filter_map(|key| records.iter().find(|r| r.key() == key))
+                    .filter_map(|r| {
+                        let attempt = r.last_attempt()?;
+                        Some(RunningAttempt {
+                            issue: r.key().clone(),
+                            round: r.round,
+                            attempt: attempt.number,
+                            started_at: attempt.started_at,
+                        })
+                    })
+                    .collect(),
+                node: n.node,
+                started_at: n.started_at,
+                heartbeat_at: n.heartbeat_at,
+            })
+            .collect()
+    }
+}
+
 impl Health {
     /// What [`Health::status`] says when all is well.
     pub const OK: &str = "ok";

@@ -89,8 +89,8 @@ use claude_flow_core::api::{ErrorBody, Health, NodeStatus};
 use claude_flow_core::config::Config;
 use claude_flow_core::issue_source::{WebhookEvent, parse_github_webhook};
 use claude_flow_core::{
-    Error, IssueKey, IssueRecord, IssueSummary, Orchestrator, RepoId, Role, RunningAttempt, Secret,
-    StateStore, Status,
+    Error, IssueKey, IssueRecord, IssueSummary, Orchestrator, RepoId, Role, Secret, StateStore,
+    Status,
 };
 use hmac::{Hmac, KeyInit, Mac};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
@@ -734,30 +734,7 @@ pub(crate) async fn nodes(store: &dyn StateStore) -> Vec<NodeStatus> {
     let listed = async {
         let nodes = coordination.nodes().await.ok()?;
         let records = store.list().await.ok()?;
-        Some(
-            nodes
-                .into_iter()
-                .map(|n| NodeStatus {
-                    running: n
-                        .running
-                        .iter()
-                        .filter_map(|key| records.iter().find(|r| r.key() == key))
-                        .filter_map(|r| {
-                            let attempt = r.last_attempt()?;
-                            Some(RunningAttempt {
-                                issue: r.key().clone(),
-                                round: r.round,
-                                attempt: attempt.number,
-                                started_at: attempt.started_at,
-                            })
-                        })
-                        .collect(),
-                    node: n.node,
-                    started_at: n.started_at,
-                    heartbeat_at: n.heartbeat_at,
-                })
-                .collect(),
-        )
+        Some(NodeStatus::of(nodes, &records))
     };
     tokio::time::timeout(NODES_WAIT, listed)
         .await

@@ -12,6 +12,8 @@ use claude_flow_core::{
     ConfigError, Error, FileStore, IssueKey, IssueRecord, ServiceState, StateStore, StoreError,
 };
 
+use claude_flow_core::api::NodeStatus;
+
 use super::Failure;
 
 /// The state, read-only.
@@ -43,6 +45,16 @@ impl<'a> ReadState<'a> {
             StoreKind::Postgres => Arc::new(read_database(config).await?),
         };
         Ok(Self { config, store })
+    }
+
+    /// Every daemon sharing the store, with what each runs (nothing for a
+    /// store of one daemon's own).
+    pub async fn nodes(&self, records: &[IssueRecord]) -> Result<Vec<NodeStatus>, Failure> {
+        let Some(coordination) = self.store.coordination() else {
+            return Ok(Vec::new());
+        };
+        let nodes = coordination.nodes().await?;
+        Ok(NodeStatus::of(nodes, records))
     }
 
     /// Every record, read afresh.

@@ -25,6 +25,14 @@ struct Activity {
     nodes: Vec<NodeStatus>,
 }
 
+/// Every daemon's running attempts, each with its node.
+fn by_node(nodes: &[NodeStatus]) -> Vec<(Option<String>, RunningAttempt)> {
+    nodes
+        .iter()
+        .flat_map(|n| n.running.iter().map(|r| (Some(n.node.clone()), r.clone())))
+        .collect()
+}
+
 impl Activity {
     /// As the running service says (`GET /healthz`).
     fn of_health(health: &Health) -> Self {
@@ -32,11 +40,7 @@ impl Activity {
         let running = if health.nodes.is_empty() {
             health.running.iter().map(|r| (None, r.clone())).collect()
         } else {
-            health
-                .nodes
-                .iter()
-                .flat_map(|n| n.running.iter().map(|r| (Some(n.node.clone()), r.clone())))
-                .collect()
+            by_node(&health.nodes)
         };
         Self {
             paused_until: health.paused_until,
@@ -59,7 +63,11 @@ impl Activity {
     ) -> Result<Self, Failure> {
         let service = state.service().await?;
         let paused_until = service.pause_at(SystemTime::now(), config.service.max_pause);
-        let running = if service_runs {
+        // With several daemons, the database says who runs what.
+        let nodes = state.nodes(records).await?;
+        let running = if !nodes.is_empty() {
+            by_node(&nodes)
+        } else if service_runs {
             records
                 .iter()
                 .filter_map(IssueRecord::running_attempt)
@@ -73,7 +81,7 @@ impl Activity {
             pause_reason: paused_until.and(service.pause_reason),
             running,
             last_poll: None,
-            nodes: Vec::new(),
+            nodes,
         })
     }
 
