@@ -12,6 +12,12 @@
 //! (nothing starts that cannot be recorded, nothing runs twice, everything
 //! settles after).
 //!
+//! The service spaces its writes to GitHub a second apart (four writes per
+//! success report), so waiting for all 30 reports takes two minutes: the
+//! tests about reporting (the first and the leader's death) wait for them;
+//! the others wait until the database has every issue done and check only
+//! that GitHub never got a second success comment.
+//!
 //! They need PostgreSQL: without `CLAUDE_FLOW_TEST_POSTGRES` they print a
 //! loud "skipped: no PostgreSQL" line and pass.
 
@@ -210,8 +216,9 @@ async fn through_a_database_outage_nothing_starts_unrecorded_nothing_runs_twice_
         ..Setup::three(&db)
     };
     let mut c = Cluster::start(&db, setup).await;
-    c.wait_for("six workflows running", async |c| {
-        (c.runs().iter().filter(|r| r.end.is_none()).count() >= 6).then_some(())
+    // As many running as one daemon's slots: enough to be cut short.
+    c.wait_for("workflows running", async |c| {
+        (c.runs().iter().filter(|r| r.end.is_none()).count() >= cluster::SLOTS).then_some(())
     })
     .await;
     let cut = now_ns();
@@ -222,10 +229,14 @@ async fn through_a_database_outage_nothing_starts_unrecorded_nothing_runs_twice_
     let restored = now_ns();
     proxy.restore();
     let mut f = Findings::default();
-    for d in &mut c.daemons {
-        let alive = d.alive();
-        f.check(alive, || format!("node {} died during the outage", d.node));
-    }
+    // Not a promise of the contract (under systemd a daemon that exits on
+    // an error is started again), but worth seeing: without systemd, a
+    // daemon that gave up is gone for good.
+    let gave_up: Vec<String> = c
+        .daemons
+        .iter_mut()
+        .filter_map(|d| (!d.alive()).then(|| d.node.clone()))
+        .collect();
     c.wait_all_done().await;
     c.stop_all(&mut f).await;
     let runs = c.runs();
@@ -277,7 +288,7 @@ async fn through_a_database_outage_nothing_starts_unrecorded_nothing_runs_twice_
         .filter(|r| r.start < cut && !r.completed())
         .count();
     eprintln!(
-        "outage from {} to {}: {interrupted} runs stopped; {} runs in all",
+        "outage from {} to {}: {interrupted} runs stopped; {} runs in all; daemons that exited during it: {gave_up:?}",
         c.at(cut),
         c.at(restored),
         runs.len()

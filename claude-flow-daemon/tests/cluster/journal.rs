@@ -86,21 +86,6 @@ impl Run {
     pub fn completed(&self) -> bool {
         matches!(self.end, Some((Ending::Completed, _)))
     }
-
-    pub fn describe(&self) -> String {
-        let end = match self.end {
-            Some((Ending::Completed, at)) => format!("completed at {:.3}", secs(at)),
-            Some((Ending::Terminated, at)) => format!("terminated at {:.3}", secs(at)),
-            None => "no end recorded".to_owned(),
-        };
-        format!(
-            "#{} on {} (run {}) started at {:.3}, {end}",
-            self.issue,
-            self.node,
-            self.run_id,
-            secs(self.start)
-        )
-    }
 }
 
 /// Every run in the journal, in order of start.
