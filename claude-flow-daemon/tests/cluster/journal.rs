@@ -38,7 +38,9 @@ pub fn secs(ns: Ns) -> f64 {
 /// `seconds`, prints a pull request of the issue's own repository and
 /// exits 0. On SIGTERM it notes `term`, stops its sleeper and exits 143.
 /// `sleep` runs in the background and the shell waits for it, so that the
-/// shell handles SIGTERM at once instead of after the sleep.
+/// shell handles SIGTERM at once instead of after the sleep. The time is
+/// bash's own clock (`EPOCHREALTIME`, microseconds): no `date` process that
+/// a SIGTERM to the workflow's processes could kill mid-line.
 pub fn script(journal: &Path, seconds: f64, repo: &str) -> String {
     format!(
         r#"#!/bin/bash
@@ -46,7 +48,7 @@ node="$1"
 journal='{journal}'
 child=
 note() {{
-    echo "$1 $CLAUDE_FLOW_ISSUE_NUMBER $node $(date +%s%N) $CLAUDE_FLOW_RUN_ID $$ ${{child:-0}}" >> "$journal"
+    echo "$1 $CLAUDE_FLOW_ISSUE_NUMBER $node ${{EPOCHREALTIME/./}}000 $CLAUDE_FLOW_RUN_ID $$ ${{child:-0}}" >> "$journal"
 }}
 trap 'note term; [ -n "$child" ] && kill "$child" 2>/dev/null; exit 143' TERM
 sleep {seconds} &
