@@ -92,10 +92,11 @@ async fn kill_and_check(
     f: &mut Findings,
 ) -> (u128, Vec<Run>) {
     let killed = c.daemon(victim).kill();
+    // Its workflows may note `term` as they go (the guardian's SIGTERM).
     let cut_short: Vec<Run> = c
         .runs()
         .into_iter()
-        .filter(|r| r.node == victim && r.end.is_none())
+        .filter(|r| r.node == victim && !r.completed())
         .collect();
     let quiet = c.wait_processes_gone(&cut_short).await;
     if reported {
@@ -136,7 +137,7 @@ async fn a_daemon_killed_mid_run_has_its_attempts_run_again_elsewhere_after_the_
     let (killed, runs) = kill_and_check(&mut c, &victim, false, &mut f).await;
     let rerun: Vec<String> = runs
         .iter()
-        .filter(|r| r.node == victim && r.end.is_none())
+        .filter(|r| r.node == victim && !r.completed())
         .filter_map(|r| {
             runs.iter()
                 .find(|o| o.issue == r.issue && o.start > r.start)

@@ -588,9 +588,12 @@ impl Cluster {
         runs: &[Run],
         f: &mut Findings,
     ) {
+        // Killed, it finished nothing more: what it had not completed was
+        // cut short (ending with no note, or with the `term` its guardian's
+        // SIGTERM made the workflow write).
         let cut_short: Vec<&Run> = runs
             .iter()
-            .filter(|r| r.node == victim && r.end.is_none())
+            .filter(|r| r.node == victim && !r.completed())
             .collect();
         f.check(!cut_short.is_empty(), || {
             format!("node {victim} was killed while running nothing: the test did not test")
