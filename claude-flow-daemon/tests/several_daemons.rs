@@ -10,7 +10,8 @@
 //! elsewhere after the lease), when the leader is killed (another takes
 //! over polling and reporting), and through a database outage of 10 s
 //! (nothing starts that cannot be recorded, nothing runs twice, everything
-//! settles after).
+//! settles after), both when its connections are closed and when the
+//! network silently drops everything.
 //!
 //! The service spaces its writes to GitHub a second apart (four writes per
 //! success report), so waiting for all 30 reports takes two minutes: the
@@ -202,8 +203,31 @@ async fn when_the_leader_is_killed_another_daemon_takes_over_polling_and_reporti
 /// How long the database is unreachable.
 const OUTAGE: Duration = Duration::from_secs(10);
 
+/// How the database becomes unreachable.
+#[derive(Debug, Clone, Copy)]
+enum Outage {
+    /// Connections are closed and refused: errors at once.
+    Cut,
+    /// Nothing gets through and nothing is closed: no answers.
+    Stall,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_database_outage_nothing_starts_unrecorded_nothing_runs_twice_and_all_settles() {
+    outage(Outage::Cut).await;
+}
+
+/// The same through a network that drops every packet silently for 10 s
+/// (and then delivers what it held): statements hang instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_silent_network_partition_nothing_starts_unrecorded_nothing_runs_twice() {
+    outage(Outage::Stall).await;
+}
+
+/// Ten seconds without the database, mid-run: nothing starts that cannot
+/// be recorded, a daemon that cannot renew stops its workflows before its
+/// lease ends, nothing runs twice, everything settles after.
+async fn outage(kind: Outage) {
     let _turn = cluster::one_at_a_time().await;
     let Some(db) = TestDb::create().await else {
         return;
@@ -223,7 +247,10 @@ async fn through_a_database_outage_nothing_starts_unrecorded_nothing_runs_twice_
     })
     .await;
     let cut = now_ns();
-    proxy.cut();
+    match kind {
+        Outage::Cut => proxy.cut(),
+        Outage::Stall => proxy.stall(),
+    }
     // The outage's length, not a synchronisation: the test waits on
     // nothing during it.
     tokio::time::sleep(OUTAGE).await;
@@ -289,7 +316,7 @@ async fn through_a_database_outage_nothing_starts_unrecorded_nothing_runs_twice_
         .filter(|r| r.start < cut && !r.completed())
         .count();
     eprintln!(
-        "outage from {} to {}: {interrupted} runs stopped; {} runs in all; daemons that exited during it: {gave_up:?}",
+        "{kind:?} outage from {} to {}: {interrupted} runs stopped; {} runs in all; daemons that exited during it: {gave_up:?}",
         c.at(cut),
         c.at(restored),
         runs.len()
