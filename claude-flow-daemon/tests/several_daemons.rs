@@ -83,16 +83,16 @@ async fn three_daemons_share_thirty_issues_each_done_once() {
     c.conclude(f);
 }
 
-/// Kills `victim`, waits until its workflows are gone and every issue is
-/// done (and `reported` to GitHub, when asked), stops the rest, and checks
-/// what holds after a daemon died.
-async fn kill_and_check(
+/// After `victim` was killed (at `killed`): waits until its workflows are
+/// gone and every issue is done (and `reported` to GitHub, when asked),
+/// stops the rest, and checks what holds after a daemon died.
+async fn settle_after_kill(
     c: &mut Cluster,
     victim: &str,
+    killed: u128,
     reported: bool,
     f: &mut Findings,
-) -> (u128, Vec<Run>) {
-    let killed = c.daemon(victim).kill();
+) -> Vec<Run> {
     // Its workflows may note `term` as they go (the guardian's SIGTERM).
     let cut_short: Vec<Run> = c
         .runs()
@@ -111,7 +111,7 @@ async fn kill_and_check(
     c.check_common(&runs, &stopped, reported, f).await;
     c.check_one_completion_each(&runs, f);
     c.check_reruns(victim, killed, quiet, &runs, f);
-    (killed, runs)
+    runs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +135,8 @@ async fn a_daemon_killed_mid_run_has_its_attempts_run_again_elsewhere_after_the_
         })
         .await;
     let mut f = Findings::default();
-    let (killed, runs) = kill_and_check(&mut c, &victim, false, &mut f).await;
+    let killed = c.daemon(&victim).kill();
+    let runs = settle_after_kill(&mut c, &victim, killed, false, &mut f).await;
     let rerun: Vec<String> = runs
         .iter()
         .filter(|r| r.node == victim && !r.completed())
@@ -181,7 +182,7 @@ async fn when_the_leader_is_killed_another_daemon_takes_over_polling_and_reporti
             secs(handover)
         )
     });
-    let (_, runs) = kill_and_check(&mut c, &leader, true, &mut f).await;
+    let runs = settle_after_kill(&mut c, &leader, killed, true, &mut f).await;
     // Polling went on: list requests after the leader's death.
     let lists_after = c
         .github
