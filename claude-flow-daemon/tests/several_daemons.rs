@@ -312,14 +312,17 @@ async fn outage(kind: Outage) {
             )
         });
     }
-    let interrupted = runs
+    let stopped: Vec<u128> = runs
         .iter()
         .filter(|r| r.start < cut && !r.completed())
-        .count();
+        .filter_map(|r| r.end.map(|(_, t)| t.saturating_sub(cut)))
+        .collect();
     eprintln!(
-        "{kind:?} outage from {} to {}: {interrupted} runs stopped; {} runs in all; daemons that exited during it: {gave_up:?}",
+        "{kind:?} outage from {} to {}: {} runs stopped, the last {:.3}s after it began (lease {LEASE:?}); {} runs in all; daemons that exited during it: {gave_up:?}",
         c.at(cut),
         c.at(restored),
+        stopped.len(),
+        secs(stopped.iter().copied().max().unwrap_or(0)),
         runs.len()
     );
     c.conclude(f);
