@@ -16,6 +16,7 @@ use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 /// The one repository the daemons watch.
 pub const REPO: &str = "acme/widgets";
+/// The status labels of CONTRACT section 3, by default.
 pub const TRIGGER: &str = "claude-flow";
 pub const IN_PROGRESS: &str = "claude-flow:in-progress";
 pub const DONE: &str = "claude-flow:done";
@@ -69,6 +70,7 @@ pub struct IssueView {
 }
 
 impl IssueView {
+    /// Whether the issue carries `label`.
     pub fn has(&self, label: &str) -> bool {
         self.labels.iter().any(|l| l == label)
     }
@@ -122,6 +124,7 @@ impl FakeGithub {
         Self { server, state }
     }
 
+    /// The base URL, for `github.api_url`.
     pub fn uri(&self) -> String {
         self.server.uri()
     }

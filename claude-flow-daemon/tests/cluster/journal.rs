@@ -14,16 +14,19 @@ use std::time::{Duration, SystemTime};
 /// Nanoseconds since the epoch.
 pub type Ns = u128;
 
+/// `at` in nanoseconds since the epoch.
 pub fn ns(at: SystemTime) -> Ns {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos()
 }
 
+/// Now, in nanoseconds since the epoch.
 pub fn now_ns() -> Ns {
     ns(SystemTime::now())
 }
 
+/// A duration in nanoseconds.
 pub fn ns_of(d: Duration) -> Ns {
     d.as_nanos()
 }
@@ -85,6 +88,7 @@ pub struct Run {
 }
 
 impl Run {
+    /// Whether the workflow finished its work by itself.
     pub fn completed(&self) -> bool {
         matches!(self.end, Some((Ending::Completed, _)))
     }

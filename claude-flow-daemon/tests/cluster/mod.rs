@@ -11,8 +11,11 @@
 // Test helpers: a panic here is a failed test, as in the tests themselves.
 #![allow(dead_code, clippy::unwrap_used)]
 
+/// The fake GitHub.
 pub mod github;
+/// The workflow and its journal.
 pub mod journal;
+/// The database proxy for outages.
 pub mod proxy;
 
 use std::collections::BTreeMap;
@@ -117,6 +120,7 @@ impl Daemon {
         }
     }
 
+    /// Whether the process still runs.
     pub fn alive(&mut self) -> bool {
         self.child
             .as_mut()
@@ -253,6 +257,7 @@ impl Cluster {
         journal::read(&self.journal)
     }
 
+    /// The daemon of `node`.
     pub fn daemon(&mut self, node: &str) -> &mut Daemon {
         self.daemons.iter_mut().find(|d| d.node == node).unwrap()
     }
@@ -391,6 +396,7 @@ impl Cluster {
         format!("{:.3}s", secs(t.saturating_sub(self.began)))
     }
 
+    /// A run, for messages, its times relative to the cluster's start.
     pub fn describe(&self, run: &Run) -> String {
         let end = match run.end {
             Some((journal::Ending::Completed, t)) => format!("completed at {}", self.at(t)),
@@ -690,12 +696,14 @@ pub async fn server_of(url: &str) -> SocketAddr {
 pub struct Findings(Vec<String>);
 
 impl Findings {
+    /// Notes `what` unless `ok`.
     pub fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
         if !ok {
             self.0.push(what());
         }
     }
 
+    /// Notes `what`.
     pub fn push(&mut self, what: String) {
         self.0.push(what);
     }

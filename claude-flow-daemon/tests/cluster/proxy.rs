@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// The proxy; dropping it closes everything.
 pub struct Proxy {
     addr: SocketAddr,
     /// Cancelled by a cut: every connection opened before it ends. `None`
@@ -61,6 +62,7 @@ impl Proxy {
         }
     }
 
+    /// Where the daemons connect.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -79,6 +81,7 @@ impl Proxy {
         self.flowing.send_replace(false);
     }
 
+    /// Ends a cut or a stall.
     pub fn restore(&self) {
         let mut open = self.lock();
         if open.is_none() {
