@@ -633,7 +633,11 @@ impl Engine {
         metrics::histogram!("claude_flow_attempt_duration_seconds")
             .record(attempt.duration().as_secs_f64());
         match attempt.outcome {
-            Some(AttemptOutcome::Interrupted) => self.summary.interrupted += 1,
+            // The summary counts what this daemon's stop interrupted; with
+            // several daemons, the leader follows others' attempts too.
+            Some(AttemptOutcome::Interrupted) if self.coordination.is_none() => {
+                self.summary.interrupted += 1;
+            }
             Some(AttemptOutcome::QuotaExhausted { until }) => {
                 self.quota_exit(key, until, attempt.started_at, settings)
                     .await;
