@@ -30,9 +30,12 @@
 //! the release binaries first). `CLAUDE_FLOW_BENCH_ROUNDS` repeats the
 //! throughput cases (default 1; one run of the bench stays under about
 //! two minutes); `CLAUDE_FLOW_BENCH_PARTS` picks some of `throughput`,
-//! `wake-up` and `real` (default all three); `CLAUDE_FLOW_BENCH_PG_LOG`
-//! names the server's log, if the bench may read it, to count the idle
-//! daemons' statements one by one. Results: docs/BENCHMARKS.md.
+//! `statements`, `wake-up` and `real` (default all); `CLAUDE_FLOW_BENCH_PG_LOG`
+//! names the server's log, if the bench may read it: then the statements
+//! of 600 issues through one and three daemons (an untimed case, since
+//! logging slows the server) and of the idle daemons are counted one by
+//! one (`log_statement = all` on the bench's databases only).
+//! Results: docs/BENCHMARKS.md.
 
 #![allow(clippy::unwrap_used)] // benchmark set-up: a panic is a broken bench
 
@@ -280,11 +283,15 @@ struct Through {
     claim_to_start: Vec<Duration>,
     /// Workflows run per node.
     per_node: Vec<usize>,
-    /// Transactions the database committed per issue (PostgreSQL).
-    per_issue: Option<f64>,
+    /// With a statement log: the statements the daemons ran, from the
+    /// push to their stop, by statement.
+    statements: Option<Vec<(String, usize)>>,
 }
 
-async fn through(backend: Backend, work: Duration) -> Through {
+/// 600 issues through `backend`; with `log` (the server's log), every
+/// statement of the database is logged and counted (a case of its own:
+/// logging slows the server).
+async fn through(backend: Backend, work: Duration, log: Option<&Path>) -> Through {
     let source = Arc::new(MemorySource::new([]));
     let probe = Probe::new(work);
     let mut daemons = Vec::new();
@@ -305,6 +312,9 @@ async fn through(backend: Backend, work: Duration) -> Through {
         }
         Backend::Postgres(k) => {
             let test_db = TestDb::create().await.unwrap();
+            if log.is_some() {
+                log_statements(&test_db).await;
+            }
             for i in 0..k {
                 let store = PostgresStore::connect(&test_db.url, PostgresSettings::default())
                     .await
@@ -330,8 +340,6 @@ async fn through(backend: Backend, work: Duration) -> Through {
     })
     .await;
     let mut observer = None;
-    let mut before = 0;
-    let mut admin_conn = None;
     if let Some(db) = &db {
         let mut conn = sqlx::PgConnection::connect(db.url.expose()).await.unwrap();
         let k = daemons.len() as i64;
@@ -340,12 +348,10 @@ async fn through(backend: Backend, work: Duration) -> Through {
             assert!(Instant::now() < deadline, "the daemons did not all start");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let mut a = admin().await;
-        before = transactions(&mut a, &database_name(db)).await;
-        admin_conn = Some(a);
         observer = Some(conn);
     }
 
+    let log_from = log.map(log_len);
     let start = Instant::now();
     for n in 1..=ISSUES {
         source.push(issue(n));
@@ -354,12 +360,10 @@ async fn through(backend: Backend, work: Duration) -> Through {
         d.orchestrator.poll_now();
     }
     // Until every outcome is in the store.
-    let mut looks = 0_i64;
     let deadline = Instant::now() + PATIENCE;
     match (&mut observer, &file_store) {
         (Some(conn), _) => {
             while done_in(conn).await < ISSUES as i64 {
-                looks += 1;
                 assert!(
                     Instant::now() < deadline,
                     "{}: not all done",
@@ -367,7 +371,6 @@ async fn through(backend: Backend, work: Duration) -> Through {
                 );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            looks += 1;
         }
         (None, Some(store)) => {
             let mut pending: Vec<u64> = (1..=ISSUES).collect();
@@ -398,14 +401,6 @@ async fn through(backend: Backend, work: Duration) -> Through {
         (None, None) => unreachable!(),
     }
     let wall = start.elapsed();
-    let per_issue = match (&db, &mut admin_conn) {
-        (Some(db), Some(a)) => {
-            let after = transactions(a, &database_name(db)).await;
-            // Less the bench's own looks at the count.
-            Some((after - before - looks) as f64 / ISSUES as f64)
-        }
-        _ => None,
-    };
 
     // Each issue ran once; the claim-to-start latencies from the records.
     assert_eq!(probe.again.load(Ordering::SeqCst), 0, "an issue ran twice");
@@ -447,14 +442,57 @@ async fn through(backend: Backend, work: Duration) -> Through {
     for d in daemons {
         d.stop().await;
     }
+    let statements = match (log, log_from, &db) {
+        (Some(path), Some(from), Some(db)) => Some(
+            statements_since(path, from, &database_name(db))
+                .into_iter()
+                // Not the bench's own looks at the count, nor its reading
+                // of the records afterwards.
+                .filter(|(s, _)| !s.starts_with("SELECT count(*)") && !s.contains("ORDER BY issue"))
+                .collect(),
+        ),
+        _ => None,
+    };
     drop(file_dir);
     drop(db);
     Through {
         wall,
         claim_to_start,
         per_node,
-        per_issue,
+        statements,
     }
+}
+
+/// The statements the daemons run per issue, from the server's log
+/// (untimed: logging every statement slows the server).
+async fn statements_per_issue(log: &Path) {
+    for k in [1, 3] {
+        let t = through(Backend::Postgres(k), Duration::ZERO, Some(log)).await;
+        let statements = t.statements.unwrap();
+        let total: usize = statements.iter().map(|(_, n)| n).sum();
+        println!(
+            "## statements per issue, {ISSUES} issues, no-op workflow, {k} daemon(s), from push to stop: {:.2}",
+            total as f64 / ISSUES as f64
+        );
+        for (statement, n) in statements
+            .iter()
+            .filter(|(_, n)| *n >= ISSUES as usize / 20)
+        {
+            println!("  {:>5.2}  {statement}", *n as f64 / ISSUES as f64);
+        }
+    }
+}
+
+/// Makes the server log every statement of `db`'s sessions (this
+/// database only; sessions opened from now on).
+async fn log_statements(db: &TestDb) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {} SET log_statement = 'all'",
+        database_name(db)
+    )))
+    .execute(&mut admin().await)
+    .await
+    .unwrap();
 }
 
 async fn throughput(rounds: usize) {
@@ -467,15 +505,8 @@ async fn throughput(rounds: usize) {
             support::load_average()
         );
         println!(
-            "{:>5} | {:>24} | {:>9} | {:>9} | {:>8} | {:>22} | {:>9} | {:>12}",
-            "round",
-            "case",
-            "wall",
-            "issues/s",
-            "÷ file",
-            "claim→start p50, p99",
-            "xacts/iss",
-            "runs per node"
+            "{:>5} | {:>24} | {:>9} | {:>9} | {:>8} | {:>22} | {:>12}",
+            "round", "case", "wall", "issues/s", "÷ file", "claim→start p50, p99", "runs per node"
         );
         for round in 0..rounds {
             let mut cases = vec![
@@ -490,7 +521,7 @@ async fn throughput(rounds: usize) {
             }
             let mut results = Vec::new();
             for case in cases {
-                results.push((case, through(case, work).await));
+                results.push((case, through(case, work, None).await));
             }
             let file = results
                 .iter()
@@ -505,7 +536,7 @@ async fn throughput(rounds: usize) {
                 let rate = ISSUES as f64 / t.wall.as_secs_f64();
                 let file_rate = ISSUES as f64 / file.as_secs_f64();
                 println!(
-                    "{:>5} | {:>24} | {:>6.0} ms | {:>9.0} | {:>8.2} | {:>8.2} ms, {:>7.2} ms | {:>9} | {:?}",
+                    "{:>5} | {:>24} | {:>6.0} ms | {:>9.0} | {:>8.2} | {:>8.2} ms, {:>7.2} ms | {:?}",
                     round + 1,
                     case.name(),
                     ms(t.wall),
@@ -513,7 +544,6 @@ async fn throughput(rounds: usize) {
                     rate / file_rate,
                     ms(percentile(&t.claim_to_start, 0.5)),
                     ms(percentile(&t.claim_to_start, 0.99)),
-                    t.per_issue.map_or("-".into(), |x| format!("{x:.1}")),
                     t.per_node
                 );
             }
@@ -708,13 +738,7 @@ impl Three {
     async fn start(bin: &Path, issues: u64, poll: &str, log_statements: bool) -> Self {
         let db = TestDb::create().await.unwrap();
         if log_statements {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "ALTER DATABASE {} SET log_statement = 'all'",
-                database_name(&db)
-            )))
-            .execute(&mut admin().await)
-            .await
-            .unwrap();
+            self::log_statements(&db).await;
         }
         let shared = support::run_dir();
         let dir = shared.path().join("issues");
@@ -806,13 +830,18 @@ impl Three {
             .iter()
             .zip(self.roles())
             .map(|(d, role)| {
-                let guardians: f64 = guardians_of(d.id()).iter().map(|g| pss(*g)).sum();
+                let guardians = guardians_of(d.id());
+                let guardian = if guardians.is_empty() {
+                    "no guardian yet".to_owned()
+                } else {
+                    let kib: f64 = guardians.iter().map(|g| pss(*g)).sum();
+                    format!("guardian PSS {:.1}", kib / 1024.0)
+                };
                 format!(
-                    "{role} {:.1} MiB (peak {:.1}, PSS {:.1}; guardian PSS {:.1})",
+                    "{role} {:.1} MiB (peak {:.1}, PSS {:.1}; {guardian})",
                     kib(&status_field(d.id(), "VmRSS:")) / 1024.0,
                     kib(&status_field(d.id(), "VmHWM:")) / 1024.0,
                     pss(d.id()) / 1024.0,
-                    guardians / 1024.0,
                 )
             })
             .collect::<Vec<_>>()
@@ -1002,11 +1031,16 @@ fn main() {
         .unwrap();
     // `CLAUDE_FLOW_BENCH_PARTS`: some of throughput, wake-up, real.
     let parts = std::env::var("CLAUDE_FLOW_BENCH_PARTS")
-        .unwrap_or_else(|_| "throughput,wake-up,real".into());
+        .unwrap_or_else(|_| "throughput,statements,wake-up,real".into());
     let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
     rt.block_on(async {
         if part("throughput") {
             throughput(rounds).await;
+        }
+        if part("statements")
+            && let Some(log) = server_log()
+        {
+            statements_per_issue(&log).await;
         }
         if part("wake-up") {
             wake_up().await;
