@@ -1028,9 +1028,19 @@ impl Engine {
     }
 }
 
+/// Writes in flight at once from one poll: enough for the file store's
+/// group commit to share its syncs, few enough that a poll of thousands
+/// does not hold thousands of boxed writes (and their memory) at once.
+const PUTS_IN_FLIGHT: usize = 16;
+
 async fn put_all(store: &Arc<dyn StateStore>, records: &[IssueRecord]) -> Result<(), StoreError> {
     let mut puts = JoinSet::new();
     for record in records {
+        if puts.len() >= PUTS_IN_FLIGHT
+            && let Some(done) = puts.join_next().await
+        {
+            done.map_err(|e| StoreError::Failed(format!("a state write panicked: {e}")))??;
+        }
         let store = Arc::clone(store);
         let record = record.clone();
         puts.spawn(async move { store.put(&record).await });

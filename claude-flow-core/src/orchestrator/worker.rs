@@ -60,10 +60,6 @@ impl Held {
         let _ = self.reason.set(reason);
         self.cancel.cancel();
     }
-
-    fn lease_until(&self) -> SystemTime {
-        lease_until(&self.claim)
-    }
 }
 
 fn lease_until(claim: &Mutex<Claim>) -> SystemTime {
@@ -131,6 +127,8 @@ pub(super) struct Worker {
     next_ready: Option<SystemTime>,
     /// The last look found nothing to claim; look again when woken.
     idle: bool,
+    /// When the worker last looked for work to claim.
+    looked_at: Instant,
 }
 
 impl Worker {
@@ -155,6 +153,7 @@ impl Worker {
             renew_at: now,
             next_ready: None,
             idle: false,
+            looked_at: now,
         }
     }
 
@@ -187,7 +186,7 @@ impl Worker {
             } else if !self.idle && Instant::now() >= self.hold_until {
                 self.claim(&settings, lease).await;
             }
-            let wake = self.next_wake(&settings, lease, grace);
+            let wake = self.next_wake(&settings, grace);
             tokio::select! {
                 Some(joined) = self.attempts.join_next(), if !self.attempts.is_empty() => {
                     match joined {
@@ -203,7 +202,14 @@ impl Worker {
                         self.renew_at = Instant::now();
                     }
                 }
-                () = tokio::time::sleep_until(wake) => self.idle = false,
+                () = tokio::time::sleep_until(wake) => {
+                    // A retry fell due, or a lease passed without a look
+                    // (a wake-up missed): look again.
+                    let due = self.next_ready.is_some_and(|t| t <= SystemTime::now());
+                    if due || self.looked_at + lease <= Instant::now() {
+                        self.idle = false;
+                    }
+                }
                 () = stop.cancelled(), if grace.is_none() => {
                     tracing::info!(running = self.held.len(), grace = %humantime::format_duration(settings.shutdown_grace), "shutting down: claiming nothing more; waiting for running workflows");
                     grace = Some(Instant::now() + settings.shutdown_grace);
@@ -244,6 +250,7 @@ impl Worker {
                 return;
             }
         }
+        self.looked_at = Instant::now();
         let now = SystemTime::now();
         let node = settings.node.clone();
         let begin = move |record: &mut IssueRecord| {
@@ -399,22 +406,13 @@ impl Worker {
         }
     }
 
-    fn next_wake(&self, settings: &Settings, lease: Duration, grace: Option<Instant>) -> Instant {
+    fn next_wake(&self, settings: &Settings, grace: Option<Instant>) -> Instant {
         let now = Instant::now();
         let now_sys = SystemTime::now();
         let until = |t: SystemTime| now + t.duration_since(now_sys).unwrap_or_default();
-        // Missed wake-ups cost at most a lease.
-        let mut wake = now + lease;
-        if !self.held.is_empty() {
-            wake = wake.min(self.renew_at);
-            for held in self.held.values() {
-                wake = wake.min(
-                    until(held.lease_until())
-                        .checked_sub(lease / 2)
-                        .unwrap_or(now),
-                );
-            }
-        }
+        // The heartbeat (and renewals) every third of the lease; the fence
+        // tasks stop attempts whose leases run out by themselves.
+        let mut wake = self.renew_at;
         if let Some(deadline) = grace {
             wake = wake.min(deadline.max(now));
         } else if self.held.len() < settings.max_concurrent as usize {
