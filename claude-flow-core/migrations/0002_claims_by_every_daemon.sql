@@ -8,8 +8,9 @@
 ALTER TABLE claude_flow_issues ADD COLUMN stop_reason text;
 
 -- The leader sends every report, so it must hear of every claim, end and
--- expiry, whoever wrote it: any change of status, claim or stop request
--- notifies claude_flow_changed with the issue.
+-- expiry, whoever wrote it: a new row, or a change of the record, of who
+-- holds it or of a stop request, notifies claude_flow_changed with the
+-- issue. A lease's renewal alone does not.
 CREATE FUNCTION claude_flow_notify_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -18,9 +19,18 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER claude_flow_issues_changed_notify
-    AFTER INSERT OR UPDATE ON claude_flow_issues
+CREATE TRIGGER claude_flow_issues_inserted_notify
+    AFTER INSERT ON claude_flow_issues
     FOR EACH ROW
+    EXECUTE FUNCTION claude_flow_notify_changed();
+
+CREATE TRIGGER claude_flow_issues_changed_notify
+    AFTER UPDATE ON claude_flow_issues
+    FOR EACH ROW
+    WHEN (OLD.record IS DISTINCT FROM NEW.record
+          OR OLD.node IS DISTINCT FROM NEW.node
+          OR OLD.run_id IS DISTINCT FROM NEW.run_id
+          OR OLD.stop_reason IS DISTINCT FROM NEW.stop_reason)
     EXECUTE FUNCTION claude_flow_notify_changed();
 
 -- A stop request wakes the daemons too (the work channel's function of

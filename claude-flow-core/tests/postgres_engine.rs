@@ -597,3 +597,63 @@ async fn a_statement_into_a_silent_network_gives_up_within_the_lease() {
     assert!(e.is_retryable(), "{e}");
     assert!(e.to_string().contains("no answer from the database"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_work_after_leadership_is_lost_and_won_back() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let source = Arc::new(MemorySource::new([issue(1)]));
+    let running = Arc::new(Running::default());
+    let a = start(&db, "a", Arc::clone(&source), Arc::clone(&running)).await;
+    let observer = PostgresStore::connect(&db.url, PostgresSettings::default())
+        .await
+        .unwrap();
+    wait_done(&observer, 1..=1).await;
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(db.url.expose())
+        .await
+        .unwrap();
+    // The session holding the leader's advisory lock.
+    let holder = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let first: i32 = loop {
+        if let Some(pid) = sqlx::query_scalar::<_, i32>(holder)
+            .fetch_optional(&mut admin)
+            .await
+            .unwrap()
+        {
+            break pid;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    a.orchestrator.retry(&key(1)).await.unwrap();
+    wait_done(&observer, 1..=1).await;
+    // The leader's session ends (a database restart, a killed backend):
+    // the daemon stops leading, then leads again.
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    loop {
+        let now: Option<i32> = sqlx::query_scalar(holder)
+            .fetch_optional(&mut admin)
+            .await
+            .unwrap();
+        let status = a.orchestrator.status();
+        if now.is_some_and(|p| p != first)
+            && status.role == Some(claude_flow_core::Role::Leader)
+            && status.last_poll.is_some()
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never led again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let retried = a.orchestrator.retry(&key(1)).await;
+    assert!(retried.is_ok(), "retry after leading again: {retried:?}");
+    a.shutdown.cancel();
+    a.task.await.unwrap().unwrap();
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use claude_flow_core::state::TestDb;
-use claude_flow_core::state::{Coordination, PostgresSettings, PostgresStore};
+use claude_flow_core::state::{Coordination, PostgresSettings, PostgresStore, StopRequest};
 use claude_flow_core::{
     Attempt, AttemptOutcome, Error, Issue, IssueKey, IssueRecord, IssueStatus, RepoId, Secret,
     StateStore, StoreError,
@@ -41,7 +41,7 @@ fn begin(record: &mut IssueRecord) {
 }
 
 /// What the leader does to an attempt whose lease ran out.
-fn interrupt(record: &mut IssueRecord) {
+fn interrupt(record: &mut IssueRecord, _stop: Option<StopRequest>) {
     if let Some(attempt) = record.attempts.last_mut() {
         attempt.outcome = Some(AttemptOutcome::Interrupted);
         attempt.finished_at = Some(SystemTime::now());
@@ -398,4 +398,39 @@ async fn idle_daemons_wake_when_an_issue_becomes_ready() {
         .map(|n| n.node)
         .collect();
     assert_eq!(nodes, ["f", "l"]);
+}
+
+#[tokio::test]
+async fn a_write_from_an_older_copy_does_not_take_back_an_operators_cancel() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let leader = store(&db, Duration::from_secs(6)).await;
+    let operator = store(&db, Duration::from_secs(6)).await;
+    let mut r = record(7);
+    r.status = IssueStatus::Queued;
+    leader.put(&r).await.unwrap();
+    // The leader's copy in memory, then an operator's cancel elsewhere.
+    let leader_copy = leader.get(r.key()).await.unwrap().unwrap();
+    let cancelled = claude_flow_core::ops::cancel(&operator, r.key())
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status, IssueStatus::Cancelled);
+    // The leader notes a report that went through: a whole-record write of
+    // its older copy, with newer reports.
+    let mut noted = leader_copy.clone();
+    noted.reports.shown = Some(claude_flow_core::Shown::Cancelled);
+    leader.put(&noted).await.unwrap();
+    let claimed = operator
+        .claim("x", 1, SystemTime::now(), &begin)
+        .await
+        .unwrap();
+    assert!(claimed.is_empty(), "a cancelled issue was claimed");
+    let now = operator.get(r.key()).await.unwrap().unwrap();
+    assert_eq!(now.status, IssueStatus::Cancelled);
+    assert_eq!(
+        now.reports.shown,
+        Some(claude_flow_core::Shown::Cancelled),
+        "the leader's note is kept"
+    );
 }

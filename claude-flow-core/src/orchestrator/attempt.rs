@@ -28,6 +28,15 @@ pub(super) enum StopReason {
     LeaseLost,
 }
 
+impl From<crate::state::StopRequest> for StopReason {
+    fn from(request: crate::state::StopRequest) -> Self {
+        match request {
+            crate::state::StopRequest::Operator => Self::Operator,
+            crate::state::StopRequest::Unwanted => Self::Unwanted,
+        }
+    }
+}
+
 impl StopReason {
     pub(super) fn cancel_reason(self) -> &'static str {
         match self {

@@ -27,7 +27,7 @@ use crate::issue::{Issue, IssueKey};
 use crate::issue_source::{CancelReport, FailureReport, Report, StartReport, SuccessReport};
 use crate::record::{Attempt, AttemptOutcome, IssueRecord, IssueStatus, ServiceState, Shown};
 use crate::retention::Retention;
-use crate::state::{Coordination, StateStore, StopRequest};
+use crate::state::{Coordination, StateStore};
 
 mod follow;
 
@@ -134,12 +134,8 @@ impl Engine {
 
     pub(super) async fn run(&mut self, shutdown: CancellationToken) -> Result<Summary, Error> {
         let (mut reporter, mut delivered) = Reporter::spawn(Arc::clone(&self.shared));
-        self.recover(&reporter).await?;
-        let (poller, mut polls) = Poller::spawn(
-            Arc::clone(&self.shared),
-            self.settings.clone(),
-            Arc::clone(&self.poll_now),
-        );
+        // With several daemons, listen before reading everything: what
+        // changes between the two is heard, not lost.
         let (changes_task, mut changes) = match &self.coordination {
             Some(coordination) => {
                 let (task, changes) = follow::spawn_changes(Arc::clone(coordination)).await;
@@ -147,6 +143,20 @@ impl Engine {
             }
             None => (None, tokio::sync::mpsc::channel(1).1),
         };
+        if let Err(e) = self.recover(&reporter).await {
+            if let Some(task) = changes_task {
+                task.abort();
+            }
+            if let Some(coordination) = &self.coordination {
+                coordination.stop_changes().await;
+            }
+            return Err(e);
+        }
+        let (poller, mut polls) = Poller::spawn(
+            Arc::clone(&self.shared),
+            self.settings.clone(),
+            Arc::clone(&self.poll_now),
+        );
         let mut grace_deadline: Option<Instant> = None;
         loop {
             let settings = self.settings.borrow_and_update().clone();
@@ -212,6 +222,9 @@ impl Engine {
         drop(poller);
         if let Some(task) = changes_task {
             task.abort();
+            if let Some(coordination) = &self.coordination {
+                coordination.stop_changes().await;
+            }
         }
         // Reports that went through just now are remembered, so that a
         // restart does not repeat them.
@@ -865,17 +878,16 @@ impl Engine {
                         running.stop(StopReason::Operator);
                         Ok(record.clone())
                     }
-                    (None, Some(record)) if self.remote.contains_key(&key) => {
-                        let record = record.clone();
-                        self.stop_remote(&key, StopRequest::Operator)
-                            .await
-                            .map(|()| record)
+                    // Several daemons: the store says whether it runs (and
+                    // where), whatever this loop has heard so far.
+                    _ if let Some(coordination) = &self.coordination => {
+                        crate::ops::cancel_shared(&*store, &**coordination, &key).await
                     }
                     _ => crate::ops::cancel(&*store, &key).await,
                 };
                 if let Ok(record) = &result
                     && !self.running.contains_key(&key)
-                    && !self.remote.contains_key(&key)
+                    && record.status != IssueStatus::Running
                 {
                     self.summary.cancelled += 1;
                     if let Some(owed) = &mut self.once_set {

@@ -168,7 +168,6 @@ impl OrchestratorBuilder {
         let missing = |what: &str| Error::Other(format!("OrchestratorBuilder: no {what} given"));
         let (settings, _) = watch::channel(self.settings);
         let (status, _) = watch::channel(Status::default());
-        let (commands, inbox) = mpsc::unbounded_channel();
         Ok(Orchestrator {
             shared: Arc::new(Shared {
                 source: RwLock::new(self.source.ok_or_else(|| missing("source"))?),
@@ -177,8 +176,7 @@ impl OrchestratorBuilder {
             }),
             settings,
             status,
-            commands,
-            inbox: Mutex::new(Some(inbox)),
+            commands: Mutex::new(None),
             engine_running: AtomicBool::new(false),
             poll_now: Arc::new(Notify::new()),
             hurry: Arc::new(Notify::new()),
@@ -212,9 +210,9 @@ pub struct Orchestrator {
     shared: Arc<Shared>,
     settings: watch::Sender<Settings>,
     status: watch::Sender<Status>,
-    commands: mpsc::UnboundedSender<Command>,
-    /// Taken by the running loop and put back when it ends.
-    inbox: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
+    /// The running loop's inbox: a fresh channel for each run of the loop
+    /// (a daemon that leads again after losing leadership runs it anew).
+    commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
     engine_running: AtomicBool,
     poll_now: Arc<Notify>,
     hurry: Arc<Notify>,
@@ -490,11 +488,14 @@ impl Orchestrator {
         make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
     ) -> Result<T, Error> {
         let not_running = || Error::NotRunning("the orchestrator is not running".into());
-        if !self.engine_running.load(Ordering::SeqCst) {
-            return Err(not_running());
-        }
+        let commands = self
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(not_running)?;
         let (reply, answer) = oneshot::channel();
-        self.commands.send(make(reply)).map_err(|_| not_running())?;
+        commands.send(make(reply)).map_err(|_| not_running())?;
         answer.await.map_err(|_| not_running())?
     }
 
@@ -591,13 +592,15 @@ impl Orchestrator {
         mode: Mode,
         shutdown: CancellationToken,
     ) -> Result<Summary, Error> {
-        let inbox = self
-            .inbox
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| Error::Other("the orchestrator is already running".into()))?;
-        self.engine_running.store(true, Ordering::SeqCst);
+        if self
+            .engine_running
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err(Error::Other("the orchestrator is already running".into()));
+        }
+        let (commands, inbox) = mpsc::unbounded_channel();
+        *self.commands.lock().unwrap_or_else(|e| e.into_inner()) = Some(commands);
         // A fresh start, but what the worker says (several daemons) stays.
         self.status.send_modify(|s| {
             *s = Status {
@@ -620,14 +623,17 @@ impl Orchestrator {
             Arc::clone(&self.hurry),
         );
         let result = engine.run(shutdown).await;
-        self.engine_running.store(false, Ordering::SeqCst);
+        self.commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         // Commands sent while the loop ended get their error, not a hang.
         let mut inbox = engine.into_inbox();
         inbox.close();
         while let Ok(command) = inbox.try_recv() {
             command.refuse("the orchestrator is stopping");
         }
-        *self.inbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(inbox);
+        self.engine_running.store(false, Ordering::SeqCst);
         result
     }
 }

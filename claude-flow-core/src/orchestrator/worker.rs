@@ -31,7 +31,7 @@ use super::{RunningAttempt, Settings, Shared, Status};
 use crate::error::{Error, StoreError};
 use crate::record::{IssueRecord, IssueStatus};
 use crate::runner::WorkflowJob;
-use crate::state::{Claim, Coordination, StopRequest};
+use crate::state::{Claim, Coordination};
 
 /// After a failed claim, a failed renewal or an unreachable store: how
 /// long before trying again.
@@ -378,10 +378,7 @@ impl Worker {
             match renewed.iter().find(|c| c.run_id == *run_id) {
                 Some(claim) => {
                     if let Some(request) = claim.stop {
-                        let reason = match request {
-                            StopRequest::Operator => StopReason::Operator,
-                            StopRequest::Unwanted => StopReason::Unwanted,
-                        };
+                        let reason = StopReason::from(request);
                         if held.reason.get().is_none() {
                             tracing::info!(
                                 run_id,
@@ -414,7 +411,11 @@ impl Worker {
         // tasks stop attempts whose leases run out by themselves.
         let mut wake = self.renew_at;
         if let Some(deadline) = grace {
-            wake = wake.min(deadline.max(now));
+            // Once past, the workflows have been told to stop: their ends
+            // wake the loop.
+            if deadline > now {
+                wake = wake.min(deadline);
+            }
         } else if self.held.len() < settings.max_concurrent as usize {
             if self.hold_until > now {
                 wake = wake.min(self.hold_until);
@@ -506,6 +507,11 @@ async fn run_claimed(
         }
     };
     if reason.get() == Some(&StopReason::LeaseLost) {
+        // Processes that left the workflow's group (setsid, daemons) must
+        // not outlive the lease either: another daemon may run the issue.
+        if let Err(e) = shared.runner().abandon(&attempt.run_id).await {
+            tracing::warn!(error = %e, "cannot end what is left of the stopped workflow");
+        }
         return Ok(Ended::Lost);
     }
     // The outcome is written while the claim holds; a store that does not

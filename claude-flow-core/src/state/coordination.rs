@@ -159,6 +159,12 @@ pub struct NodeInfo {
 /// engine's "begin an attempt").
 pub type Begin<'a> = &'a (dyn Fn(&mut IssueRecord) + Send + Sync);
 
+/// Settles the record of an attempt whose lease ran out, in the
+/// transaction that takes the claim back; with the stop asked of its
+/// holder, if any (an operator's cancel must not be lost with the
+/// holder).
+pub type Settle<'a> = &'a (dyn Fn(&mut IssueRecord, Option<StopRequest>) + Send + Sync);
+
 /// Claims, leases, leadership and wake-ups for daemons sharing a store.
 ///
 /// The invariant: no issue ever has two attempts running at once. A claim
@@ -193,9 +199,13 @@ pub trait Coordination: Send + Sync {
 
     /// Takes every attempt whose lease ran out (its daemon died or lost the
     /// database): each record is changed by `settle` (the attempt
-    /// interrupted, the issue queued again or failed) and its claim
-    /// dropped. Returns the records as stored.
-    async fn expire(&self, settle: Begin<'_>) -> Result<Vec<IssueRecord>, StoreError>;
+    /// interrupted, the issue queued again or failed; cancelled when a stop
+    /// was asked for) and its claim dropped. Returns the records as stored.
+    async fn expire(&self, settle: Settle<'_>) -> Result<Vec<IssueRecord>, StoreError>;
+
+    /// Stops following changes ([`changes`](Self::changes)): a daemon that
+    /// no longer leads must not leave notifications piling up unread.
+    async fn stop_changes(&self);
 
     /// Becomes the leader if no daemon is, or confirms that this one still
     /// is. Only the leader polls the sources, sends reports and expires

@@ -24,7 +24,9 @@ use crate::error::StoreError;
 use crate::issue::IssueKey;
 use crate::record::{IssueRecord, ServiceState};
 
-pub use coordination::{Begin, Changes, Claim, Coordination, Guarantees, NodeInfo, StopRequest};
+pub use coordination::{
+    Begin, Changes, Claim, Coordination, Guarantees, NodeInfo, Settle, StopRequest,
+};
 pub use file::FileStore;
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::MemoryStore;

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::super::Settings;
-use super::super::attempt;
+use super::super::attempt::{self, StopReason};
 use super::super::reporter::Reporter;
 use super::Engine;
 use crate::error::Error;
@@ -175,15 +175,30 @@ impl Engine {
         self.next_expire = Instant::now() + lease / 3;
         let now = SystemTime::now();
         let given = settings.clone();
-        let settle = move |record: &mut IssueRecord| {
+        let settle = move |record: &mut IssueRecord, stop: Option<StopRequest>| {
+            // A stop that was asked for (an operator's cancel, an issue no
+            // longer eligible) still settles the round as cancelled.
+            let outcome = match stop {
+                Some(_) => AttemptOutcome::Cancelled,
+                None => AttemptOutcome::Interrupted,
+            };
             if let Some(attempt) = record.attempts.last_mut()
                 && attempt.outcome.is_none()
             {
-                attempt.outcome = Some(AttemptOutcome::Interrupted);
+                attempt.outcome = Some(outcome);
                 attempt.finished_at = Some(now);
             }
             let span = tracing::info_span!("issue", issue = %record.key(), round = record.round);
-            span.in_scope(|| attempt::interrupted(record, &given));
+            match stop {
+                Some(request) => {
+                    let reason = StopReason::from(request);
+                    record.status = IssueStatus::Cancelled;
+                    record.next_retry_at = None;
+                    record.last_error = Some(reason.cancel_reason().to_owned());
+                    record.updated_at = now;
+                }
+                None => span.in_scope(|| attempt::interrupted(record, &given)),
+            }
         };
         match tokio::time::timeout(lease / 4, coordination.expire(&settle)).await {
             Ok(Ok(records)) => {

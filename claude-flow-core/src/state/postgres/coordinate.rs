@@ -27,7 +27,7 @@ use super::{PostgresStore, epoch, from_epoch, from_json, ready_at, to_json};
 use crate::error::StoreError;
 use crate::issue::IssueKey;
 use crate::record::IssueRecord;
-use crate::state::{Begin, Changes, Claim, Coordination, NodeInfo, StopRequest};
+use crate::state::{Begin, Changes, Claim, Coordination, NodeInfo, Settle, StopRequest};
 
 /// The leader's advisory lock: any constant unlikely to collide with an
 /// application sharing the database ("claude-fl" in ASCII).
@@ -70,7 +70,7 @@ impl Coordination for PostgresStore {
             .map_err(self.db("claim ready issues"))?;
         let rows: Vec<(String, String)> = sqlx::query_as(
             "SELECT issue, record::text FROM claude_flow_issues \
-             WHERE ready_at <= to_timestamp($1) AND lease_until IS NULL \
+             WHERE ready_at <= greatest(to_timestamp($1), now()) AND lease_until IS NULL \
              ORDER BY ready_at LIMIT $2 FOR UPDATE SKIP LOCKED",
         )
         .bind(epoch(now))
@@ -190,7 +190,7 @@ impl Coordination for PostgresStore {
         Ok(())
     }
 
-    async fn expire(&self, settle: Begin<'_>) -> Result<Vec<IssueRecord>, StoreError> {
+    async fn expire(&self, settle: Settle<'_>) -> Result<Vec<IssueRecord>, StoreError> {
         self.ready().await?;
         let mut tx = self
             .inner
@@ -198,10 +198,10 @@ impl Coordination for PostgresStore {
             .begin()
             .await
             .map_err(self.db("expire leases"))?;
-        let rows: Vec<(String, String)> = sqlx::query_as(
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
             // A running record without a claim has no one to finish it
             // (written by a store copy, or by a version before claims).
-            "SELECT issue, record::text FROM claude_flow_issues \
+            "SELECT issue, record::text, stop_reason FROM claude_flow_issues \
              WHERE lease_until < now() OR (lease_until IS NULL AND status = 'running') \
              FOR UPDATE SKIP LOCKED",
         )
@@ -209,9 +209,9 @@ impl Coordination for PostgresStore {
         .await
         .map_err(self.db("expire leases"))?;
         let mut settled = Vec::with_capacity(rows.len());
-        for (issue, text) in rows {
+        for (issue, text, stop) in rows {
             let mut record = from_json(&issue, &text)?;
-            settle(&mut record);
+            settle(&mut record, stop.as_deref().map(StopRequest::parse));
             sqlx::query(
                 "UPDATE claude_flow_issues SET status = $2, ready_at = to_timestamp($3), \
                  record = $4::jsonb, node = NULL, run_id = NULL, lease_until = NULL, \
@@ -400,6 +400,11 @@ impl Coordination for PostgresStore {
                 ))
             }
         }
+    }
+
+    async fn stop_changes(&self) {
+        // Dropping the listener closes its connection, and its LISTEN.
+        self.inner.changes.lock().await.take();
     }
 
     async fn wake_leader(&self) -> Result<(), StoreError> {

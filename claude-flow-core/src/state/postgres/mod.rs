@@ -489,9 +489,15 @@ impl PostgresStore {
         match row {
             Some((text, claimed)) => {
                 let mut stored = from_json(&issue, &text)?;
+                // A write made from an older copy (the stored record was
+                // changed since, by an operator's cancel, say) takes only
+                // the leader's fields: `updated_at` moves with every change
+                // of status (hosts' clocks are assumed to agree, as NTP
+                // keeps them, far closer than two such writes come).
                 let replace = !claimed
                     && record.status != IssueStatus::Running
-                    && !stored.is_ahead_of(record);
+                    && !stored.is_ahead_of(record)
+                    && record.updated_at >= stored.updated_at;
                 if replace {
                     upsert(record)?
                         .execute(&mut *tx)
