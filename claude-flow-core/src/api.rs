@@ -88,6 +88,24 @@ pub struct NodeStatus {
 }
 
 impl NodeStatus {
+    /// Every daemon as `store` lists them, with what each runs: one read
+    /// per running attempt, not of every record.
+    pub async fn list(
+        store: &dyn crate::state::StateStore,
+    ) -> Result<Vec<Self>, crate::error::StoreError> {
+        let Some(coordination) = store.coordination() else {
+            return Ok(Vec::new());
+        };
+        let nodes = coordination.nodes().await?;
+        let mut running = Vec::new();
+        for key in nodes.iter().flat_map(|n| &n.running) {
+            if let Some(record) = store.get(key).await? {
+                running.push(record);
+            }
+        }
+        Ok(Self::of(nodes, &running))
+    }
+
     /// Every daemon as the store lists them, with what each runs (found
     /// in `records`).
     pub fn of(

@@ -728,18 +728,10 @@ const NODES_WAIT: Duration = Duration::from_secs(2);
 /// Every daemon sharing the store, with the attempts each runs; nothing
 /// when the store is one daemon's, or does not answer in time.
 pub(crate) async fn nodes(store: &dyn StateStore) -> Vec<NodeStatus> {
-    let Some(coordination) = store.coordination() else {
-        return Vec::new();
-    };
-    let listed = async {
-        let nodes = coordination.nodes().await.ok()?;
-        let records = store.list().await.ok()?;
-        Some(NodeStatus::of(nodes, &records))
-    };
-    tokio::time::timeout(NODES_WAIT, listed)
+    tokio::time::timeout(NODES_WAIT, NodeStatus::list(store))
         .await
         .ok()
-        .flatten()
+        .and_then(Result::ok)
         .unwrap_or_default()
 }
 

@@ -89,6 +89,9 @@ pub(super) struct Engine {
     remote: HashMap<IssueKey, String>,
     /// The next look for leases that ran out (several daemons).
     next_expire: Instant,
+    /// Changed records could not be read (several daemons): read every
+    /// record again.
+    reload_owed: bool,
 }
 
 impl Engine {
@@ -124,6 +127,7 @@ impl Engine {
             coordination: shared.store.coordination(),
             remote: HashMap::new(),
             next_expire: Instant::now(),
+            reload_owed: false,
             shared,
         }
     }
@@ -457,6 +461,10 @@ impl Engine {
             self.paused(settings, reporter).await;
             if Instant::now() >= self.next_expire {
                 self.expire(settings, reporter).await;
+            }
+            if self.reload_owed {
+                self.on_changes(crate::state::Changes::reload(), settings, reporter)
+                    .await;
             }
             return;
         }

@@ -96,13 +96,17 @@ impl Engine {
         };
         match records {
             Ok(records) => {
+                self.reload_owed = false;
                 for record in records {
                     self.follow(record, settings, reporter).await;
                 }
             }
-            // Read again at the next change, or all at once after the
-            // listener reconnects.
-            Err(e) => tracing::warn!(error = %e, "cannot read changed records"),
+            // A change read from nowhere is not lost: everything is read
+            // again at the next turn of the loop.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read changed records; reading everything again");
+                self.reload_owed = true;
+            }
         }
         self.publish(reporter, |_| {});
     }
