@@ -75,22 +75,36 @@ async fn start(
     source: Arc<MemorySource>,
     running: Arc<Running>,
 ) -> Daemon {
+    launch(db, node, source, runner(running), |_| {}).await
+}
+
+/// A daemon on the test's database with `runner`, its settings changed by
+/// `tweak`.
+async fn launch(
+    db: &TestDb,
+    node: &str,
+    source: Arc<MemorySource>,
+    runner: FnRunner,
+    tweak: impl FnOnce(&mut Settings),
+) -> Daemon {
     let settings = PostgresSettings {
         lease: Duration::from_secs(2),
         ..PostgresSettings::default()
     };
     let store = PostgresStore::connect(&db.url, settings).await.unwrap();
+    let mut settings = Settings {
+        poll_interval: Duration::from_millis(100),
+        shutdown_grace: Duration::from_secs(5),
+        node: node.to_owned(),
+        ..Settings::default()
+    };
+    tweak(&mut settings);
     let orchestrator = Arc::new(
         Orchestrator::builder()
             .source(source)
-            .runner(Arc::new(runner(running)))
+            .runner(Arc::new(runner))
             .store(Arc::new(store))
-            .settings(Settings {
-                poll_interval: Duration::from_millis(100),
-                shutdown_grace: Duration::from_secs(5),
-                node: node.to_owned(),
-                ..Settings::default()
-            })
+            .settings(settings)
             .build()
             .unwrap(),
     );
@@ -101,6 +115,36 @@ async fn start(
         orchestrator,
         shutdown,
         task,
+    }
+}
+
+/// Waits for one of `daemons` to follow (and the leader to have polled);
+/// returns it.
+async fn follower(daemons: &[Daemon]) -> Arc<Orchestrator> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let polled = daemons
+            .iter()
+            .any(|d| d.orchestrator.status().last_poll.is_some());
+        let follower = daemons
+            .iter()
+            .find(|d| d.orchestrator.status().role == Some(claude_flow_core::Role::Follower));
+        if let (true, Some(d)) = (polled, follower) {
+            return Arc::clone(&d.orchestrator);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no polled leader and follower"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stops every daemon gracefully.
+async fn stop(daemons: Vec<Daemon>) {
+    for d in daemons {
+        d.shutdown.cancel();
+        d.task.await.unwrap().unwrap();
     }
 }
 
@@ -198,32 +242,12 @@ async fn every_daemon_claims_and_runs_workflows_not_only_the_leader() {
                 Ok(ended(ExitKind::Code(0)))
             }
         });
-        let store = PostgresStore::connect(
-            &db.url,
-            PostgresSettings {
-                lease: Duration::from_secs(2),
-                ..PostgresSettings::default()
-            },
-        )
-        .await
-        .unwrap();
-        let orchestrator = Arc::new(
-            Orchestrator::builder()
-                .source(Arc::clone(&source) as Arc<dyn claude_flow_core::IssueSource>)
-                .runner(Arc::new(runner))
-                .store(Arc::new(store))
-                .settings(Settings {
-                    poll_interval: Duration::from_millis(100),
-                    max_concurrent: 1,
-                    node: node.to_owned(),
-                    ..Settings::default()
-                })
-                .build()
-                .unwrap(),
+        daemons.push(
+            launch(&db, node, Arc::clone(&source), runner, |s| {
+                s.max_concurrent = 1
+            })
+            .await,
         );
-        let shutdown = CancellationToken::new();
-        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
-        daemons.push((shutdown, tokio::spawn(async move { o.run(s).await })));
     }
     let observer = PostgresStore::connect(&db.url, PostgresSettings::default())
         .await
@@ -242,10 +266,7 @@ async fn every_daemon_claims_and_runs_workflows_not_only_the_leader() {
         let record = observer.get(&key(*n)).await.unwrap().unwrap();
         assert_eq!(record.attempts[0].node.as_deref(), Some(node.as_str()));
     }
-    for (shutdown, task) in daemons {
-        shutdown.cancel();
-        task.await.unwrap().unwrap();
-    }
+    stop(daemons).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,42 +287,12 @@ async fn an_operator_cancels_at_a_follower_and_the_daemon_running_it_stops_it() 
                 Ok(ended(ExitKind::Cancelled))
             }
         });
-        let store = PostgresStore::connect(&db.url, PostgresSettings::default())
-            .await
-            .unwrap();
-        let orchestrator = Arc::new(
-            Orchestrator::builder()
-                .source(Arc::clone(&source) as Arc<dyn claude_flow_core::IssueSource>)
-                .runner(Arc::new(runner))
-                .store(Arc::new(store))
-                .settings(Settings {
-                    poll_interval: Duration::from_millis(100),
-                    node: node.to_owned(),
-                    ..Settings::default()
-                })
-                .build()
-                .unwrap(),
-        );
-        let shutdown = CancellationToken::new();
-        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
-        let task = tokio::spawn(async move { o.run(s).await });
-        daemons.push((orchestrator, shutdown, task));
+        daemons.push(launch(&db, node, Arc::clone(&source), runner, |_| {}).await);
     }
     tokio::time::timeout(PATIENCE, started.notified())
         .await
         .unwrap();
-    // The follower: whichever daemon does not lead.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let follower = loop {
-        if let Some((o, _, _)) = daemons
-            .iter()
-            .find(|(o, _, _)| o.status().role == Some(claude_flow_core::Role::Follower))
-        {
-            break Arc::clone(o);
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no follower");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let follower = follower(&daemons).await;
     follower.cancel(&key(1)).await.unwrap();
 
     let observer = PostgresStore::connect(&db.url, PostgresSettings::default())
@@ -332,10 +323,7 @@ async fn an_operator_cancels_at_a_follower_and_the_daemon_running_it_stops_it() 
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for (_, shutdown, task) in daemons {
-        shutdown.cancel();
-        task.await.unwrap().unwrap();
-    }
+    stop(daemons).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,55 +336,26 @@ async fn asking_a_follower_to_poll_now_makes_the_leader_poll() {
     // Polls an hour apart: only a wake-up can find the new issue in time.
     let mut daemons = Vec::new();
     for node in ["a", "b"] {
-        let store = PostgresStore::connect(&db.url, PostgresSettings::default())
-            .await
-            .unwrap();
-        let orchestrator = Arc::new(
-            Orchestrator::builder()
-                .source(Arc::clone(&source) as Arc<dyn claude_flow_core::IssueSource>)
-                .runner(Arc::new(runner(Arc::clone(&running))))
-                .store(Arc::new(store))
-                .settings(Settings {
-                    poll_interval: Duration::from_secs(3600),
-                    node: node.to_owned(),
-                    ..Settings::default()
-                })
-                .build()
-                .unwrap(),
+        let hourly = |s: &mut Settings| s.poll_interval = Duration::from_secs(3600);
+        daemons.push(
+            launch(
+                &db,
+                node,
+                Arc::clone(&source),
+                runner(Arc::clone(&running)),
+                hourly,
+            )
+            .await,
         );
-        let shutdown = CancellationToken::new();
-        let (o, s) = (Arc::clone(&orchestrator), shutdown.clone());
-        let task = tokio::spawn(async move { o.run(s).await });
-        daemons.push((orchestrator, shutdown, task));
     }
-    // Wait for a leader that has polled, and a follower.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let follower = loop {
-        let polled = daemons
-            .iter()
-            .any(|(o, _, _)| o.status().last_poll.is_some());
-        let follower = daemons
-            .iter()
-            .find(|(o, _, _)| o.status().role == Some(claude_flow_core::Role::Follower));
-        if let (true, Some((o, _, _))) = (polled, follower) {
-            break Arc::clone(o);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no polled leader and follower"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let follower = follower(&daemons).await;
     source.push(issue(1));
     follower.poll_now();
     let observer = PostgresStore::connect(&db.url, PostgresSettings::default())
         .await
         .unwrap();
     wait_done(&observer, 1..=1).await;
-    for (_, shutdown, task) in daemons {
-        shutdown.cancel();
-        task.await.unwrap().unwrap();
-    }
+    stop(daemons).await;
 }
 
 /// A TCP proxy to the database that the test can cut: a cut holds every

@@ -60,6 +60,25 @@ pub(super) fn begin(record: &mut IssueRecord, now: SystemTime) {
     record.updated_at = now;
 }
 
+/// The job of the attempt `attempt` of `record`, as the runner takes it.
+pub(super) fn job(record: &IssueRecord, attempt: &Attempt) -> WorkflowJob {
+    WorkflowJob {
+        issue: record.issue.clone(),
+        round: record.round,
+        attempt: attempt.number,
+        run_id: attempt.run_id.clone(),
+    }
+}
+
+/// Settles the round as cancelled, for `reason` (a stop that was asked
+/// for must not let the issue run again, however the workflow ended).
+pub(super) fn cancel_round(record: &mut IssueRecord, reason: StopReason, now: SystemTime) {
+    record.status = IssueStatus::Cancelled;
+    record.next_retry_at = None;
+    record.last_error = Some(reason.cancel_reason().to_owned());
+    record.updated_at = now;
+}
+
 /// How an attempt task ended.
 pub(super) struct Finished {
     /// The record as the attempt left it, durable.
@@ -84,12 +103,7 @@ pub(super) async fn run(
     };
     shared.store.put(&record).await?;
     tracing::info!("workflow starting");
-    let job = WorkflowJob {
-        issue: record.issue.clone(),
-        round: record.round,
-        attempt: attempt.number,
-        run_id: attempt.run_id.clone(),
-    };
+    let job = job(&record, &attempt);
     let result = shared.runner().run(&job, cancel).await;
     if let Err(e) = &result
         && e.never_started()

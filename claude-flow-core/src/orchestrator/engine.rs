@@ -621,10 +621,7 @@ impl Engine {
         // An operator's cancel that arrived as the workflow ended on its own
         // still settles the round: it must not run again.
         if stopped_by == Some(StopReason::Operator) && !record.status.is_settled() {
-            record.status = IssueStatus::Cancelled;
-            record.next_retry_at = None;
-            record.last_error = Some(StopReason::Operator.cancel_reason().to_owned());
-            record.updated_at = SystemTime::now();
+            attempt::cancel_round(&mut record, StopReason::Operator, SystemTime::now());
             if let Err(e) = self.shared.store.put(&record).await {
                 self.fail(e.into());
                 return;

@@ -30,7 +30,6 @@ use super::attempt::{self, StopReason};
 use super::{RunningAttempt, Settings, Shared, Status};
 use crate::error::{Error, StoreError};
 use crate::record::{IssueRecord, IssueStatus};
-use crate::runner::WorkflowJob;
 use crate::state::{Claim, Coordination};
 
 /// After a failed claim, a failed renewal or an unreachable store: how
@@ -479,12 +478,7 @@ async fn run_claimed(
         return Err(Error::Other("a claim without an attempt".into()));
     };
     tracing::info!(node = %settings.node, "workflow starting");
-    let job = WorkflowJob {
-        issue: record.issue.clone(),
-        round: record.round,
-        attempt: attempt.number,
-        run_id: attempt.run_id.clone(),
-    };
+    let job = attempt::job(&record, &attempt);
     let result = shared.runner().run(&job, cancel).await;
     let unstartable = match &result {
         Err(e) if e.never_started() => {
@@ -499,9 +493,7 @@ async fn run_claimed(
             // An operator's cancel that arrived as the workflow ended on
             // its own still settles the round: it must not run again.
             if reason.get() == Some(&StopReason::Operator) && !record.status.is_settled() {
-                record.status = IssueStatus::Cancelled;
-                record.next_retry_at = None;
-                record.last_error = Some(StopReason::Operator.cancel_reason().to_owned());
+                attempt::cancel_round(&mut record, StopReason::Operator, SystemTime::now());
             }
             None
         }

@@ -194,13 +194,7 @@ impl Engine {
             }
             let span = tracing::info_span!("issue", issue = %record.key(), round = record.round);
             match stop {
-                Some(request) => {
-                    let reason = StopReason::from(request);
-                    record.status = IssueStatus::Cancelled;
-                    record.next_retry_at = None;
-                    record.last_error = Some(reason.cancel_reason().to_owned());
-                    record.updated_at = now;
-                }
+                Some(request) => attempt::cancel_round(record, StopReason::from(request), now),
                 None => span.in_scope(|| attempt::interrupted(record, &given)),
             }
         };

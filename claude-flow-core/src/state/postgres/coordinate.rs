@@ -45,6 +45,20 @@ const SERVICE: &str = "service";
 /// On [`CHANGED`]: a daemon asks the leader to poll now.
 const POLL: &str = "poll";
 
+/// The statement that stores an attempt's end and drops its claim (and any
+/// stop asked of it).
+fn released(record: &IssueRecord) -> Result<super::Query, StoreError> {
+    Ok(sqlx::query(
+        "UPDATE claude_flow_issues SET status = $2, ready_at = to_timestamp($3), \
+         record = $4::jsonb, node = NULL, run_id = NULL, lease_until = NULL, \
+         stop_reason = NULL, written_at = now() WHERE issue = $1",
+    )
+    .bind(record.key().to_string())
+    .bind(record.status.as_str())
+    .bind(ready_at(record).map(epoch))
+    .bind(to_json(record)?))
+}
+
 #[async_trait]
 impl Coordination for PostgresStore {
     async fn claim(
@@ -174,18 +188,10 @@ impl Coordination for PostgresStore {
         // holder's copy.
         let mut record = record.clone();
         record.take_leader_fields(&from_json(&issue, &text)?);
-        sqlx::query(
-            "UPDATE claude_flow_issues SET status = $2, ready_at = to_timestamp($3), \
-             record = $4::jsonb, node = NULL, run_id = NULL, lease_until = NULL, \
-             stop_reason = NULL, written_at = now() WHERE issue = $1",
-        )
-        .bind(&issue)
-        .bind(record.status.as_str())
-        .bind(ready_at(&record).map(epoch))
-        .bind(to_json(&record)?)
-        .execute(&mut *tx)
-        .await
-        .map_err(self.db(what))?;
+        released(&record)?
+            .execute(&mut *tx)
+            .await
+            .map_err(self.db(what))?;
         tx.commit().await.map_err(self.db(what))?;
         Ok(())
     }
@@ -212,18 +218,10 @@ impl Coordination for PostgresStore {
         for (issue, text, stop) in rows {
             let mut record = from_json(&issue, &text)?;
             settle(&mut record, stop.as_deref().map(StopRequest::parse));
-            sqlx::query(
-                "UPDATE claude_flow_issues SET status = $2, ready_at = to_timestamp($3), \
-                 record = $4::jsonb, node = NULL, run_id = NULL, lease_until = NULL, \
-                 stop_reason = NULL, written_at = now() WHERE issue = $1",
-            )
-            .bind(&issue)
-            .bind(record.status.as_str())
-            .bind(ready_at(&record).map(epoch))
-            .bind(to_json(&record)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(self.db("expire leases"))?;
+            released(&record)?
+                .execute(&mut *tx)
+                .await
+                .map_err(self.db("expire leases"))?;
             settled.push(record);
         }
         tx.commit().await.map_err(self.db("expire leases"))?;
