@@ -858,7 +858,9 @@ impl Engine {
         let store = Arc::clone(&self.shared.store);
         match command {
             Command::Retry(key, reply) => {
-                let result = if self.running.contains_key(&key) || self.remote.contains_key(&key) {
+                // Several daemons: the store says whether it runs (this
+                // loop may not have heard of its end yet).
+                let result = if self.running.contains_key(&key) {
                     Err(Error::Conflict(format!("{key} is running now")))
                 } else if self.records.contains_key(&key) && !self.eligible.contains(&key) {
                     // Queued, it would never start: only issues the source
