@@ -81,7 +81,7 @@ async fn claimers(k: usize) {
                 };
                 let mut done = claim.record.clone();
                 done.status = IssueStatus::Done;
-                store.finish(&claim, &done).await.unwrap();
+                store.finish(&claim, &done, &|_, _| {}).await.unwrap();
             }
         });
     }

@@ -117,10 +117,12 @@ pub async fn cancel_shared(
         }
         let cancelled = crate::ops::cancel(store, key).await?;
         // A claim that came first keeps the record running (the store
-        // never takes a claim back): stop it instead.
+        // never takes a claim back): stop it instead. Whatever else is
+        // stored now is the answer (an attempt that ended meanwhile).
         match store.get(key).await? {
             Some(now) if now.status == IssueStatus::Running => continue,
-            _ => return Ok(cancelled),
+            Some(now) => return Ok(now),
+            None => return Ok(cancelled),
         }
     }
     Err(Error::Conflict(format!(

@@ -616,3 +616,41 @@ async fn operator_commands_work_after_leadership_is_lost_and_won_back() {
     a.shutdown.cancel();
     a.task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leaders_loop_rests_while_issues_wait_for_a_slot() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let source = Arc::new(MemorySource::new((1..=2).map(issue)));
+    let runner = FnRunner::new(|_job, cancel| async move {
+        cancel.cancelled().await;
+        Ok(ended(ExitKind::Cancelled))
+    });
+    let daemon = launch(&db, "a", Arc::clone(&source), runner, |s| {
+        s.max_concurrent = 1;
+    })
+    .await;
+    // One issue runs, the other waits for the only slot.
+    let mut status = daemon.orchestrator.subscribe_status();
+    tokio::time::timeout(
+        PATIENCE,
+        status.wait_for(|s| s.running.len() == 1 && s.waiting == 1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // The loop wakes once a second (its heartbeat) and on events; a loop
+    // that spins turns thousands of times in the same window.
+    let before = daemon.orchestrator.status().heartbeat;
+    let window = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let turns = daemon.orchestrator.status().heartbeat - before;
+    let seconds = window.elapsed().as_secs_f64();
+    assert!(
+        (turns as f64) < 20.0 * seconds,
+        "the leader's loop turned {turns} times in {seconds:.1} s"
+    );
+    daemon.shutdown.cancel();
+    daemon.task.await.unwrap().unwrap();
+}

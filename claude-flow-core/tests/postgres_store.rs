@@ -41,6 +41,9 @@ fn begin(record: &mut IssueRecord) {
 }
 
 /// What the leader does to an attempt whose lease ran out.
+/// A finish's settle that keeps the record as it is.
+fn keep(_: &mut IssueRecord, _: Option<StopRequest>) {}
+
 fn interrupt(record: &mut IssueRecord, _stop: Option<StopRequest>) {
     if let Some(attempt) = record.attempts.last_mut() {
         attempt.outcome = Some(AttemptOutcome::Interrupted);
@@ -256,13 +259,13 @@ async fn claims_wait_for_due_retries_and_the_holder_finishes_its_own() {
     assert!(renewed[0].lease_until >= claim.lease_until);
     let mut finished = claim.record.clone();
     finished.status = IssueStatus::Done;
-    store.finish(claim, &finished).await.unwrap();
+    store.finish(claim, &finished, &keep).await.unwrap();
     assert_eq!(
         store.get(finished.key()).await.unwrap(),
         Some(finished.clone())
     );
     // The claim is given up: a second finish is refused.
-    let e = store.finish(claim, &finished).await.unwrap_err();
+    let e = store.finish(claim, &finished, &keep).await.unwrap_err();
     assert!(matches!(e, StoreError::LeaseLost { .. }), "{e}");
 }
 
@@ -302,7 +305,7 @@ async fn an_expired_lease_fences_its_holder_and_the_issue_runs_again_elsewhere()
     assert!(holder.renew(&claims).await.unwrap().is_empty());
     let mut late = claims[0].record.clone();
     late.status = IssueStatus::Done;
-    let e = holder.finish(&claims[0], &late).await.unwrap_err();
+    let e = holder.finish(&claims[0], &late, &keep).await.unwrap_err();
     assert!(matches!(e, StoreError::LeaseLost { .. }), "{e}");
 
     // Another daemon runs it again, as the round's next attempt.
@@ -433,4 +436,39 @@ async fn a_write_from_an_older_copy_does_not_take_back_an_operators_cancel() {
         Some(claude_flow_core::Shown::Cancelled),
         "the leader's note is kept"
     );
+}
+
+#[tokio::test]
+async fn a_stop_the_holder_had_not_seen_is_handed_to_its_finish() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let store = store(&db, Duration::from_secs(30)).await;
+    store.put(&record(7)).await.unwrap();
+    let claim = store
+        .claim("a", 1, SystemTime::now(), &begin)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert!(
+        store
+            .request_stop(claim.record.key(), &claim.run_id, StopRequest::Operator)
+            .await
+            .unwrap()
+    );
+    // The workflow failed on its own before the holder heard of the stop.
+    let mut failed = claim.record.clone();
+    failed.status = IssueStatus::Retrying;
+    let seen = std::sync::Mutex::new(None);
+    let settle = |r: &mut IssueRecord, stop: Option<StopRequest>| {
+        *seen.lock().unwrap() = stop;
+        if stop.is_some() {
+            r.status = IssueStatus::Cancelled;
+        }
+    };
+    store.finish(&claim, &failed, &settle).await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), Some(StopRequest::Operator));
+    let stored = store.get(claim.record.key()).await.unwrap().unwrap();
+    assert_eq!(stored.status, IssueStatus::Cancelled);
 }

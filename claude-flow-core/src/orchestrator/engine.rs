@@ -1028,7 +1028,12 @@ impl Engine {
             }
         } else if let Some(paused) = self.service.paused_until {
             wake = wake.min(until(paused));
-        } else if self.polled && self.running.len() < settings.max_concurrent as usize {
+        } else if self.coordination.is_none()
+            && self.polled
+            && self.running.len() < settings.max_concurrent as usize
+        {
+            // (With several daemons the workers claim: the schedule here
+            // only counts what waits, and wakes nothing.)
             // Something could start: a retry falling due, or ready issues
             // held back by a workflow that cannot be started.
             let next = if self.schedule.ready_len() > 0 {

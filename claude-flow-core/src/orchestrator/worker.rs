@@ -30,7 +30,7 @@ use super::attempt::{self, StopReason};
 use super::{RunningAttempt, Settings, Shared, Status};
 use crate::error::{Error, StoreError};
 use crate::record::{IssueRecord, IssueStatus};
-use crate::state::{Claim, Coordination};
+use crate::state::{Claim, Coordination, StopRequest};
 
 /// After a failed claim, a failed renewal or an unreachable store: how
 /// long before trying again.
@@ -499,19 +499,24 @@ async fn run_claimed(
         }
     };
     if reason.get() == Some(&StopReason::LeaseLost) {
-        // Processes that left the workflow's group (setsid, daemons) must
-        // not outlive the lease either: another daemon may run the issue.
-        if let Err(e) = shared.runner().abandon(&attempt.run_id).await {
-            tracing::warn!(error = %e, "cannot end what is left of the stopped workflow");
-        }
-        return Ok(Ended::Lost);
+        return Ok(lost(&shared, &attempt.run_id).await);
     }
+    // A stop asked for that this daemon had not seen yet (the workflow
+    // ended on its own first) still settles the round as cancelled.
+    let now = SystemTime::now();
+    let stopped = move |record: &mut IssueRecord, stop: Option<StopRequest>| {
+        if let Some(request) = stop
+            && !record.status.is_settled()
+        {
+            attempt::cancel_round(record, request.into(), now);
+        }
+    };
     // The outcome is written while the claim holds; a store that does not
     // answer is tried again until the lease is over.
     loop {
         let current = claim.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let lease = coordination.lease();
-        match tokio::time::timeout(lease / 4, coordination.finish(&current, &record)).await {
+        match tokio::time::timeout(lease / 4, coordination.finish(&current, &record, &stopped)).await {
             Ok(Ok(())) => {
                 return Ok(match unstartable {
                     Some(why) => Ended::Unstartable(why),
@@ -522,7 +527,7 @@ async fn run_claimed(
                 tracing::error!(
                     "the claim ran out before the outcome was written: the attempt counts as interrupted and runs again"
                 );
-                return Ok(Ended::Lost);
+                return Ok(lost(&shared, &attempt.run_id).await);
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the attempt's outcome yet"),
             Err(_) => tracing::warn!("cannot write the attempt's outcome yet: no answer"),
@@ -531,8 +536,18 @@ async fn run_claimed(
             tracing::error!(
                 "the claim ran out before the outcome could be written: the attempt counts as interrupted and runs again"
             );
-            return Ok(Ended::Lost);
+            return Ok(lost(&shared, &attempt.run_id).await);
         }
         tokio::time::sleep(RETRY).await;
     }
+}
+
+/// The claim is lost: processes that left the workflow's group (setsid,
+/// daemons) must not outlive it either, since another daemon may run the
+/// issue now.
+async fn lost(shared: &Shared, run_id: &str) -> Ended {
+    if let Err(e) = shared.runner().abandon(run_id).await {
+        tracing::warn!(error = %e, "cannot end what is left of the workflow");
+    }
+    Ended::Lost
 }

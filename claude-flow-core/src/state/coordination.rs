@@ -194,8 +194,16 @@ pub trait Coordination: Send + Sync {
 
     /// Stores the attempt's record (its outcome) and gives up the claim,
     /// only while the claim still holds: [`StoreError::LeaseLost`] when it
-    /// ran out.
-    async fn finish(&self, claim: &Claim, record: &IssueRecord) -> Result<(), StoreError>;
+    /// ran out. The record is first passed to `settle` with the stop asked
+    /// of the attempt, if any (one the holder may not have seen yet: an
+    /// operator's cancel must not be lost because the workflow ended on
+    /// its own first).
+    async fn finish(
+        &self,
+        claim: &Claim,
+        record: &IssueRecord,
+        settle: Settle<'_>,
+    ) -> Result<(), StoreError>;
 
     /// Takes every attempt whose lease ran out (its daemon died or lost the
     /// database): each record is changed by `settle` (the attempt

@@ -164,13 +164,18 @@ impl Coordination for PostgresStore {
             .collect())
     }
 
-    async fn finish(&self, claim: &Claim, record: &IssueRecord) -> Result<(), StoreError> {
+    async fn finish(
+        &self,
+        claim: &Claim,
+        record: &IssueRecord,
+        settle: Settle<'_>,
+    ) -> Result<(), StoreError> {
         self.ready().await?;
         let what = "record an attempt's end";
         let issue = record.key().to_string();
         let mut tx = self.inner.pool.begin().await.map_err(self.db(what))?;
-        let stored: Option<(String,)> = sqlx::query_as(
-            "SELECT record::text FROM claude_flow_issues \
+        let stored: Option<(String, Option<String>)> = sqlx::query_as(
+            "SELECT record::text, stop_reason FROM claude_flow_issues \
              WHERE issue = $1 AND node = $2 AND run_id = $3 AND lease_until > now() FOR UPDATE",
         )
         .bind(&issue)
@@ -179,7 +184,7 @@ impl Coordination for PostgresStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(self.db(what))?;
-        let Some((text,)) = stored else {
+        let Some((text, stop)) = stored else {
             return Err(StoreError::LeaseLost {
                 issue: record.key().clone(),
             });
@@ -188,6 +193,7 @@ impl Coordination for PostgresStore {
         // holder's copy.
         let mut record = record.clone();
         record.take_leader_fields(&from_json(&issue, &text)?);
+        settle(&mut record, stop.as_deref().map(StopRequest::parse));
         released(&record)?
             .execute(&mut *tx)
             .await

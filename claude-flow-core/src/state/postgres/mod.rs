@@ -493,11 +493,12 @@ impl PostgresStore {
                 // changed since, by an operator's cancel, say) takes only
                 // the leader's fields: `updated_at` moves with every change
                 // of status (hosts' clocks are assumed to agree, as NTP
-                // keeps them, far closer than two such writes come).
+                // keeps them, far closer than two such writes come). A new
+                // round always replaces a settled one, whatever the clocks.
                 let replace = !claimed
                     && record.status != IssueStatus::Running
                     && !stored.is_ahead_of(record)
-                    && record.updated_at >= stored.updated_at;
+                    && (record.round > stored.round || record.updated_at >= stored.updated_at);
                 if replace {
                     upsert(record)?
                         .execute(&mut *tx)
