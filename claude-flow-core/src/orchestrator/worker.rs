@@ -516,7 +516,9 @@ async fn run_claimed(
     loop {
         let current = claim.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let lease = coordination.lease();
-        match tokio::time::timeout(lease / 4, coordination.finish(&current, &record, &stopped)).await {
+        match tokio::time::timeout(lease / 4, coordination.finish(&current, &record, &stopped))
+            .await
+        {
             Ok(Ok(())) => {
                 return Ok(match unstartable {
                     Some(why) => Ended::Unstartable(why),
