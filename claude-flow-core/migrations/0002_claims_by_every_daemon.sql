@@ -43,11 +43,13 @@ CREATE TRIGGER claude_flow_issues_stop_notify
     EXECUTE FUNCTION claude_flow_notify_work();
 
 -- The service state (a quota pause) can be changed by any daemon (an
--- operator's resume at a follower): the leader reads it again.
+-- operator's resume at a follower): the leader reads it again, and the
+-- workers that a pause held look again.
 CREATE FUNCTION claude_flow_notify_service() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('claude_flow_changed', 'service');
+    PERFORM pg_notify('claude_flow_work', 'service');
     RETURN NULL;
 END
 $$;

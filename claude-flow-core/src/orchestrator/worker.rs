@@ -128,6 +128,9 @@ pub(super) struct Worker {
     idle: bool,
     /// When the worker last looked for work to claim.
     looked_at: Instant,
+    /// `hold_until` is a quota pause's end: a change of the service state
+    /// (an operator's resume) is worth a look before then.
+    held_by_pause: bool,
 }
 
 impl Worker {
@@ -153,6 +156,7 @@ impl Worker {
             next_ready: None,
             idle: false,
             looked_at: now,
+            held_by_pause: false,
         }
     }
 
@@ -196,6 +200,9 @@ impl Worker {
                 }
                 () = self.woken.notified() => {
                     self.idle = false;
+                    if self.held_by_pause {
+                        self.hold_until = Instant::now();
+                    }
                     // A stop may have been asked for: look now.
                     if !self.held.is_empty() {
                         self.renew_at = Instant::now();
@@ -230,9 +237,11 @@ impl Worker {
         let bounded = lease / 4;
         match tokio::time::timeout(bounded, self.shared.store.load_service()).await {
             Ok(Ok(service)) => {
+                self.held_by_pause = false;
                 if let Some(until) = service.pause_at(SystemTime::now(), settings.max_pause) {
                     let wait = until.duration_since(SystemTime::now()).unwrap_or_default();
                     self.hold_until = Instant::now() + wait;
+                    self.held_by_pause = true;
                     return;
                 }
             }
