@@ -654,3 +654,37 @@ async fn the_leaders_loop_rests_while_issues_wait_for_a_slot() {
     daemon.shutdown.cancel();
     daemon.task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_at_a_follower_starts_work_held_by_a_quota_pause() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // A quota pause of an hour is in force when the daemons start.
+    let seed = PostgresStore::connect(&db.url, PostgresSettings::default())
+        .await
+        .unwrap();
+    let paused = claude_flow_core::ServiceState {
+        paused_until: Some(std::time::SystemTime::now() + Duration::from_secs(3600)),
+        pause_reason: Some("the agent's quota".into()),
+        ..claude_flow_core::ServiceState::default()
+    };
+    seed.put_service(&paused).await.unwrap();
+    let source = Arc::new(MemorySource::new([issue(1)]));
+    let running = Arc::new(Running::default());
+    let mut daemons = Vec::new();
+    for node in ["a", "b"] {
+        daemons.push(start(&db, node, Arc::clone(&source), Arc::clone(&running)).await);
+    }
+    let follower = follower(&daemons).await;
+    // Nothing starts while paused.
+    let record = seed.get(&key(1)).await.unwrap();
+    assert!(
+        record.is_none_or(|r| r.status == IssueStatus::Queued),
+        "{record:?}"
+    );
+    let resumed = follower.resume().await.unwrap();
+    assert!(resumed.lifted_until.is_some());
+    wait_done(&seed, 1..=1).await;
+    stop(daemons).await;
+}
