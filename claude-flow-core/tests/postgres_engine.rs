@@ -680,7 +680,9 @@ async fn a_resume_at_a_follower_starts_work_held_by_a_quota_pause() {
     // Nothing starts while paused.
     let record = seed.get(&key(1)).await.unwrap();
     assert!(
-        record.is_none_or(|r| r.status == IssueStatus::Queued),
+        record
+            .as_ref()
+            .is_none_or(|r| r.status == IssueStatus::Queued),
         "{record:?}"
     );
     let resumed = follower.resume().await.unwrap();
