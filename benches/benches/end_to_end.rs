@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use claude_flow_core::{FileStore, IssueRecord, IssueStatus, ServiceState, StateStore};
 use serde_json::{Value, json};
-use support::{cpu_time, ms, spread, status_field, terminate};
+use support::{cpu_time, ms, spread, start_daemon, status_field, terminate};
 
 const SMALL: usize = 500;
 const LARGE: usize = 5000;
@@ -262,20 +262,6 @@ fn throughput(bin: &Path) {
 /// Throughput at LARGE over throughput at SMALL.
 fn scaling(small: Duration, large: Duration) -> f64 {
     (LARGE as f64 / large.as_secs_f64()) / (SMALL as f64 / small.as_secs_f64())
-}
-
-/// Starts the daemon on a run directory; its log goes to `daemon.log`
-/// there.
-fn start_daemon(bin: &Path, dir: &Path) -> Child {
-    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    Command::new(bin.join("claude-flow-daemon"))
-        .arg("--config")
-        .arg(dir.join("config.json"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
 }
 
 fn stop_daemon(mut daemon: Child) {

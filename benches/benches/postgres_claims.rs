@@ -18,6 +18,8 @@ use claude_flow_core::{
 };
 use sqlx::Connection;
 
+mod support;
+
 const ISSUES: u64 = 600;
 
 fn record(n: u64) -> IssueRecord {
@@ -155,9 +157,9 @@ async fn idle_leader(window: Duration) {
     let admin = std::env::var("CLAUDE_FLOW_TEST_POSTGRES").unwrap();
     let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
     let name = db.url.expose().rsplit('/').next().unwrap().to_owned();
-    let before = commits(&mut conn, &name).await;
+    let before = support::transactions(&mut conn, &name).await;
     tokio::time::sleep(window).await;
-    let after = commits(&mut conn, &name).await;
+    let after = support::transactions(&mut conn, &name).await;
     println!(
         "idle leader (lease 30s, poll 5m, local source): {} transactions in {} s = {:.2}/s",
         after - before,
@@ -166,22 +168,6 @@ async fn idle_leader(window: Duration) {
     );
     shutdown.cancel();
     task.await.unwrap().unwrap();
-}
-
-/// Transactions the database `name` has committed or rolled back.
-async fn commits(conn: &mut sqlx::PgConnection, name: &str) -> i64 {
-    // The statistics are a snapshot per transaction: take a fresh one.
-    sqlx::query("SELECT pg_stat_clear_snapshot()")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query_scalar::<_, i64>(
-        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
-    )
-    .bind(name)
-    .fetch_one(&mut *conn)
-    .await
-    .unwrap()
 }
 
 fn main() {

@@ -43,7 +43,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -56,7 +56,7 @@ use claude_flow_core::{
 use serde_json::json;
 use sqlx::Connection;
 use sqlx::postgres::PgListener;
-use support::{ms, status_field, terminate};
+use support::{ms, start_daemon, status_field, terminate};
 use tokio_util::sync::CancellationToken;
 
 const ISSUES: u64 = 600;
@@ -222,24 +222,6 @@ async fn admin() -> sqlx::PgConnection {
 
 fn database_name(db: &TestDb) -> String {
     db.url.expose().rsplit('/').next().unwrap().to_owned()
-}
-
-/// Transactions the database `name` has committed or rolled back.
-async fn transactions(conn: &mut sqlx::PgConnection, name: &str) -> i64 {
-    // The statistics are a snapshot per transaction, and a backend sends
-    // its counts at most once a second (and when idle): wait that out.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    sqlx::query("SELECT pg_stat_clear_snapshot()")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query_scalar::<_, i64>(
-        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
-    )
-    .bind(name)
-    .fetch_one(&mut *conn)
-    .await
-    .unwrap()
 }
 
 /// Issues the database holds as done.
@@ -698,18 +680,6 @@ fn daemon_dir(url: &str, node: &str, issues: &Path, poll: &str) -> tempfile::Tem
     dir
 }
 
-fn start_daemon(bin: &Path, dir: &Path) -> Child {
-    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    Command::new(bin.join("claude-flow-daemon"))
-        .arg("--config")
-        .arg(dir.join("config.json"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
 fn kib(field: &str) -> f64 {
     field
         .split_whitespace()
@@ -941,7 +911,7 @@ async fn real_daemons(bin: &Path) {
     let name = database_name(&three.db);
     let mut a = admin().await;
     let pids: Vec<u32> = three.daemons.iter().map(Child::id).collect();
-    let before = transactions(&mut a, &name).await;
+    let before = settled_transactions(&mut a, &name).await;
     let log_from = log.as_deref().map(log_len);
     let cpu_before: Vec<Duration> = pids.iter().map(|p| support::cpu_time(*p)).collect();
     let window_start = Instant::now();
@@ -958,7 +928,7 @@ async fn real_daemons(bin: &Path) {
         (Some(path), Some(from)) => Some(statements_since(path, from, &name)),
         _ => None,
     };
-    let after = transactions(&mut a, &name).await;
+    let after = settled_transactions(&mut a, &name).await;
     let per_second = (after - before) as f64 / window.as_secs_f64();
     println!(
         "idle over {:.1} s: pg_stat_database counted {} transactions = {:.3}/s for 3 daemons, {:.3}/s per daemon; CPU % of a core per daemon {}",
@@ -1049,4 +1019,11 @@ fn main() {
             real_daemons(&bin).await;
         }
     });
+}
+
+/// The database's transaction count once the backends have sent theirs
+/// (each at most once a second, and when idle).
+async fn settled_transactions(conn: &mut sqlx::PgConnection, name: &str) -> i64 {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    support::transactions(conn, name).await
 }

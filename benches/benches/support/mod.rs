@@ -1,6 +1,7 @@
-//! What the benchmarks that run the real binaries share: building them,
-//! a place for their runs, the daemon's CPU time and memory, and a
-//! summary of several measurements.
+//! What the benchmarks that run the real binaries share: building and
+//! starting them, a place for their runs, the daemon's CPU time and
+//! memory, the database's transaction count, and a summary of several
+//! measurements.
 
 // Each bench target uses part of this.
 #![allow(dead_code)]
@@ -162,4 +163,35 @@ pub fn terminate(child: &std::process::Child) {
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM");
+}
+
+/// Starts the daemon on a run directory; its log goes to `daemon.log`
+/// there.
+pub fn start_daemon(bin: &Path, dir: &Path) -> std::process::Child {
+    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+    Command::new(bin.join("claude-flow-daemon"))
+        .arg("--config")
+        .arg(dir.join("config.json"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Transactions the database `name` has committed or rolled back, as the
+/// server's statistics say now (a fresh snapshot, not the one this
+/// connection's transaction last took).
+pub async fn transactions(conn: &mut sqlx::PgConnection, name: &str) -> i64 {
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query_scalar::<_, i64>(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
+    )
+    .bind(name)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
 }
